@@ -1,0 +1,174 @@
+"""``adaptserve`` — the command line: ``train``, ``eval`` (and the later pipeline stages).
+
+Each subcommand imports only what it needs, so ``adaptserve --help`` is instant and torch-free
+commands stay torch-free. Errors a user can fix exit with status 2 and one clear line, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+DATA_HELP = ("dataset specs: mnist, mnist_m, usps, svhn (optionally :train/:test; files under --data-dir or "
+             "$ADAPTSERVE_DATA), demo-source, demo-target (embedded, no files), folder:PATH (class "
+             "sub-folders = labelled), npz:PATH (arrays images, labels)")
+
+
+DEMO_ARCH, DEMO_STEPS = "dann_mnist_bn", 800
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line, exit status 2."""
+
+
+def _add_train(sub) -> None:
+    from train.config import METHODS, TrainConfig
+
+    p = sub.add_parser("train", help="train source-only / DANN / CDAN(-E) into a run directory",
+                       description="Adapt a classifier from a labelled source to an unlabelled target. "
+                       + DATA_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of options (flags override it)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<method>-<source>-<target>-s<seed>)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue RUN_DIR from checkpoints/last.pt with its saved config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    defaults = TrainConfig()
+    helps = {"method": "/".join(METHODS), "arch": "auto, dann_mnist, dann_mnist_bn, dann_svhn, lenet, resnet18, resnet50",
+             "eval": "dataset to report target accuracy on (default: the target's test split)",
+             "select": "best.pt chosen by im (label-free) or target_acc"}
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"(default {default})")
+        else:
+            kind = type(default) if default is not None else str
+            p.add_argument(flag, type=kind, default=None, help=f"{helps.get(f.name, '')} (default {default})")
+
+
+def cmd_train(args) -> int:
+    from train.config import TrainConfig
+    from train.loop import run
+
+    if args.resume:
+        cfg_file = args.resume / "config.yaml"
+        if not cfg_file.is_file():
+            raise UserError(f"--resume {args.resume}: no config.yaml there (not a run directory)")
+        cfg = TrainConfig.from_sources(cfg_file)
+        out = args.resume
+    else:
+        overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+        cfg = TrainConfig.from_sources(args.config, **overrides).validate()
+        out = args.out or Path("runs") / f"{cfg.method}-{cfg.source}-{cfg.target}-s{cfg.seed}".replace(":", "_").replace("/", "_")
+        if (out / "checkpoints" / "last.pt").exists():
+            raise UserError(f"{out} already holds a run; use --resume {out} or another --out")
+    summary = run(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    if summary:
+        tgt = f"target acc {summary['target_acc']:.2%}, " if "target_acc" in summary else ""
+        print(f"done: {tgt}source acc {summary['source_acc']:.2%}, domain acc {summary['domain_acc']:.2%}, "
+              f"{summary['images_per_s']:.0f} images/s, {summary['wall_time_s']:.0f} s → {out}")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy of a run's checkpoint on any dataset spec", description=DATA_HELP)
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    p.add_argument("--eval", required=True, help="dataset spec, e.g. mnist_m:test or folder:PATH")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+
+
+def cmd_eval(args) -> int:
+    from service.preprocess import InputSpec
+    from train import checkpoint as ckpt_io
+    from train.data import load
+    from train.evaluate import accuracy, information_maximization, predict
+    from train.loop import pick_device
+    from train.models import build_model
+
+    path = ckpt_io.find(args.run_dir, args.checkpoint)
+    state = ckpt_io.load(path)
+    meta = state["meta"]
+    model, _ = build_model(meta["arch"], len(meta["classes"]), meta["method"])
+    model.load_state_dict(state["model"])
+    device = pick_device(args.device)
+    model.to(device)
+    data = load(args.eval, InputSpec.from_dict(meta["input_spec"]), default_split="test",
+                data_root=args.data_dir, classes=meta["classes"])
+    probs, _, p_target = predict(model, data.images, device)
+    result = {"checkpoint": str(path), "step": state["step"], "eval": args.eval, "n": len(data),
+              "im": information_maximization(probs), "mean_p_target": float(p_target.mean())}
+    if data.labels is not None:
+        result["accuracy"] = accuracy(probs, data.labels)
+    out = Path(args.run_dir) / f"eval-{args.eval.replace(':', '_').replace('/', '_')}.json"
+    if Path(args.run_dir).is_dir():
+        out.write_text(json.dumps(result, indent=2))
+    acc = f"accuracy {result['accuracy']:.2%}" if "accuracy" in result else "no labels"
+    print(f"{args.eval}: {acc} on {len(data)} images (checkpoint {path.name}, step {state['step']})")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole job on the embedded demo pair (no downloads, no GPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="where runs and plots go")
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_demo(args) -> int:
+    """Train source-only and DANN on demo-source → demo-target, then print the comparison."""
+    from train.config import TrainConfig
+    from train.loop import run
+
+    results = {}
+    for i, method in enumerate(["source-only", "dann"], 1):
+        print(f"[{i}/2] training {method} on demo-source → demo-target ({args.steps} steps)", flush=True)
+        cfg = TrainConfig(method=method, arch=DEMO_ARCH, steps=args.steps, seed=args.seed)
+        results[method] = run(cfg, args.out / method)
+    so, da = results["source-only"], results["dann"]
+    rows = [("", "source-only", "DANN"),
+            ("target accuracy (demo-target:test)", f"{so['target_acc']:.1%}", f"{da['target_acc']:.1%}"),
+            ("source accuracy (demo-source:test)", f"{so['source_acc']:.1%}", f"{da['source_acc']:.1%}"),
+            ("domain accuracy of G_d (0.5 = aligned)", f"{so['domain_acc']:.1%}", f"{da['domain_acc']:.1%}"),
+            ("proxy A-distance (0 = aligned)", f"{so['pad']:.2f}", f"{da['pad']:.2f}"),
+            ("wall time", f"{so['wall_time_s']:.0f} s", f"{da['wall_time_s']:.0f} s")]
+    width = max(len(r[0]) for r in rows)
+    print()
+    for r in rows:
+        print(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}")
+    print(f"\nrun directories, curves.png and tsne.png: {args.out / 'source-only'}, {args.out / 'dann'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptserve", description="Domain adaptation (DANN) from training to serving.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_demo(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (UserError, ValueError, OSError) as e:  # DataError, CheckpointError, ImageError are ValueErrors
+        if args.verbose:
+            raise
+        print(f"adaptserve {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

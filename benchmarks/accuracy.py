@@ -1,0 +1,80 @@
+"""Accuracy benchmark: source-only / DANN / CDAN-E on the digit pairs, several seeds, mean ± std.
+
+    ADAPTSERVE_DATA=../shared/data python benchmarks/accuracy.py --steps 3000 --seeds 0 1 2 \
+        --out benchmarks/runs/accuracy [--pairs mnist:mnist_m mnist:usps usps:mnist] [--methods ...]
+
+Each run is an ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are
+skipped, so the script can be stopped and started again. Prints a markdown table of last-step target
+accuracy (mean ± std over seeds) with the published anchors beside it, and writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.config import TrainConfig  # noqa: E402
+from train.loop import run  # noqa: E402
+
+ARCH = {"mnist:mnist_m": "dann_mnist", "mnist:usps": "lenet", "usps:mnist": "lenet"}
+ANCHORS = {
+    "mnist:mnist_m": "paper 52.3 → 76.7; wogong/pytorch-dann 84.0; fungtion/DANN ≈ 90",
+    "mnist:usps": "TLlib DANN 91.7; s-chh 88.4",
+    "usps:mnist": "TLlib DANN 95.2; s-chh 95.7",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", nargs="+", default=list(ARCH))
+    ap.add_argument("--methods", nargs="+", default=["source-only", "dann", "cdan-e"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/accuracy"))
+    args = ap.parse_args()
+
+    results = []
+    for pair in args.pairs:
+        source, target = pair.split(":")
+        for method in args.methods:
+            for seed in args.seeds:
+                out = args.out / f"{source}-{target}" / f"{method}-s{seed}"
+                if (out / "summary.json").exists():
+                    summary = json.loads((out / "summary.json").read_text())
+                else:
+                    cfg = TrainConfig(source=source, target=target, method=method, arch=ARCH[pair], seed=seed,
+                                      steps=args.steps, threads=args.threads, tsne=seed == args.seeds[0])
+                    summary = run(cfg, out, progress=False)
+                    print(f"{pair} {method} seed {seed}: target {summary['target_acc']:.2%} "
+                          f"({summary['wall_time_s']:.0f} s)", flush=True)
+                results.append(summary)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| pair | arch | method | steps | seeds | target acc % (mean ± std) | source acc % | wall time / run | published |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["source"], r["target"], r["method"], r["steps"]), []).append(r)
+    for (source, target, method, steps), rs in groups.items():
+        acc = [100 * r["target_acc"] for r in rs]
+        src = [100 * r["source_acc"] for r in rs]
+        std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        wall = statistics.mean(r["wall_time_s"] for r in rs)
+        pair = f"{source}:{target}"
+        rows.append(f"| {source} → {target} | {rs[0]['arch']} | {method} | {steps} | {len(rs)} | "
+                    f"{statistics.mean(acc):.1f} ± {std:.1f} | {statistics.mean(src):.1f} | {wall / 60:.1f} min | "
+                    f"{ANCHORS.get(pair, '') if method == 'dann' else ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

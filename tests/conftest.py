@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Command prefix that runs the adaptserve CLI of this checkout in a subprocess."""
+    return [sys.executable, str(ROOT / "adaptserve.py")]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("ADAPTSERVE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,0 +1,123 @@
+"""Real (short) training runs on the embedded demo pair: the loop, its files, resume, DDP, the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt_io
+from train.config import TrainConfig
+from train.loop import run
+
+pytestmark = pytest.mark.slow
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(steps=60, batch_size=32, eval_every=20, log_every=10, threads=1, tsne=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_run_writes_every_artifact(tmp_path):
+    summary = run(small_cfg(method="cdan-e", tsne=True), tmp_path / "r", progress=False)
+    out = tmp_path / "r"
+    for name in ["config.yaml", "metrics.jsonl", "summary.json", "curves.png", "tsne.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt"]:
+        assert (out / name).is_file(), name
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    trains = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in evals] == [20, 40, 60]
+    assert {"lr", "lambda", "loss_cls", "loss_domain", "batch_domain_acc"} <= set(trains[0])
+    assert {"source_acc", "target_acc", "domain_acc", "pad", "im"} <= set(evals[0])
+    assert trains[0]["lambda"] < trains[-1]["lambda"] and trains[0]["lr"] > trains[-1]["lr"]
+    assert summary["target_acc"] == evals[-1]["target_acc"] and summary["steps"] == 60
+    state = ckpt_io.load(out / "checkpoints" / "last.pt")  # weights_only=True
+    assert state["step"] == 60 and state["meta"]["classes"] == [str(i) for i in range(10)]
+
+
+def test_dann_beats_source_only_on_the_demo_target(tmp_path):
+    """The demo's promise, with the demo's own settings (a shorter schedule would test something else)."""
+    from adaptserve import DEMO_ARCH, DEMO_STEPS
+
+    kw = dict(arch=DEMO_ARCH, steps=DEMO_STEPS, batch_size=64, eval_every=DEMO_STEPS, log_every=100, threads=2)
+    so = run(small_cfg(method="source-only", **kw), tmp_path / "so", progress=False)
+    da = run(small_cfg(method="dann", **kw), tmp_path / "dann", progress=False)
+    assert so["source_acc"] > 0.8 and da["source_acc"] > 0.8
+    assert da["target_acc"] > so["target_acc"] + 0.05, (so["target_acc"], da["target_acc"])
+    assert da["domain_acc"] < so["domain_acc"]
+
+
+def _train_cmd(cli, out, steps, extra=()):
+    return cli + ["train", "--steps", str(steps), "--batch-size", "32", "--eval-every", "10", "--threads", "1",
+                  "--no-tsne", "--no-progress", "--out", str(out), *extra]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cli):
+    steps = 120
+    subprocess.run(_train_cmd(cli, tmp_path / "full", steps), check=True, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(cli, tmp_path / "killed", steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ckpt_io.load(last)["step"]
+    assert 0 < killed_at < steps, "the run finished before it could be killed; the test proves nothing"
+    r = subprocess.run(cli + ["train", "--resume", str(tmp_path / "killed"), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a = ckpt_io.load(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = ckpt_io.load(last)
+    assert b["step"] == steps
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    steps_logged = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "eval"]
+    assert steps_logged == list(range(10, steps + 1, 10))  # no duplicates, nothing lost
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           str(__import__("pathlib").Path(__file__).resolve().parents[1] / "adaptserve.py"),
+           "train", "--method", "dann", "--steps", "40", "--batch-size", "16", "--eval-every", "20",
+           "--threads", "1", "--no-tsne", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    # 40 steps × 2 processes × (16 source + 16 target) images
+    assert summary["images_per_s"] * summary["wall_time_s"] == pytest.approx(40 * 2 * 32)
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, cli):
+    cases = [
+        (["train", "--source", "imagenet"], "unknown dataset spec"),
+        (["train", "--method", "magic"], "unknown method"),
+        (["train", "--source", "mnist", "--data-dir", str(tmp_path)], "missing data file"),
+        (["train", "--source", f"folder:{tmp_path}/nope"], "does not exist"),
+        (["train", "--resume", str(tmp_path)], "no config.yaml"),
+        (["eval", str(tmp_path), "--eval", "demo-target"], "no checkpoint best.pt"),
+    ]
+    for args, message in cases:
+        r = subprocess.run(cli + args + ["--no-progress"] * (args[0] == "train"), capture_output=True, text=True)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_eval_command(tmp_path, cli):
+    run(small_cfg(steps=20, eval_every=10), tmp_path / "r", progress=False)
+    r = subprocess.run(cli + ["eval", str(tmp_path / "r"), "--eval", "demo-source:test", "--checkpoint", "last"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "r" / "eval-demo-source_test.json").read_text())
+    assert result["n"] > 300 and 0.0 <= result["accuracy"] <= 1.0 and result["step"] == 20
+    assert "demo-source:test: accuracy" in r.stdout

@@ -1,0 +1,72 @@
+"""Checkpoints: written atomically (temp file in the same folder, fsync, rename), read with
+``torch.load(weights_only=True)`` — no pickled code is ever executed when a checkpoint is opened.
+
+A checkpoint is a dict of tensors and plain values::
+
+    {"model", "optimizer", "step", "rng", "sampler", "best", "meta"}
+
+``meta`` carries what export needs without the config: arch, method, classes, input spec.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or foreign checkpoint."""
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a kill at any moment leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise CheckpointError(f"{path} is not an adaptserve checkpoint")
+    return ckpt
+
+
+def find(run_dir: Path, which: str = "best") -> Path:
+    """``RUN_DIR/checkpoints/{best,last}.pt``, or ``run_dir`` itself if it is a file."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint {which}.pt in {run_dir / 'checkpoints'}; "
+                              "is this a finished or started `adaptserve train` run directory?")
+    return path
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

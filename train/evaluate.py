@@ -1,0 +1,110 @@
+"""Evaluation of a DANN model: accuracies, label-free checkpoint score, domain metrics, diagnostics.
+
+- ``target_acc`` / ``source_acc``: top-1 accuracy where labels exist.
+- ``domain_acc``: accuracy of the trained G_d telling source from target (balanced sets). ≈ 0.5 means
+  G_d is confused — what DANN aims for; ≈ 1.0 means the features still separate the domains.
+- ``pad``: proxy A-distance 2(1 − 2ε), ε the held-out error of a *fresh* linear domain classifier on
+  frozen features (Ben-David et al. 2007; DANN paper §5): 0 = aligned, 2 = separable.
+- ``im``: information maximisation on the target, H(mean p) − mean H(p) in nats (higher is better);
+  needs no target labels, so it picks ``best.pt`` when the target is unlabelled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from train.data import Dataset
+
+
+@torch.no_grad()
+def predict(model, images: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 500):
+    """Run ``model`` (a :class:`train.models.DANN`) in eval mode → (probs, features, p_target) as numpy."""
+    was_training = model.training
+    model.eval()
+    probs, feats, dom = [], [], []
+    for i in range(0, len(images), batch_size):
+        x = torch.as_tensor(np.asarray(images[i:i + batch_size])).to(device)
+        logits, f, d = model(x)
+        probs.append(logits.float().softmax(1).cpu())
+        feats.append(f.float().cpu())
+        dom.append(torch.sigmoid(d.float()).cpu())
+    model.train(was_training)
+    return torch.cat(probs).numpy(), torch.cat(feats).numpy(), torch.cat(dom).numpy()
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float((probs.argmax(1) == labels).mean())
+
+
+def information_maximization(probs: np.ndarray, eps: float = 1e-8) -> float:
+    mean = probs.mean(0)
+    h_mean = -(mean * np.log(mean + eps)).sum()
+    mean_h = -(probs * np.log(probs + eps)).sum(1).mean()
+    return float(h_mean - mean_h)
+
+
+def proxy_a_distance(f_source: np.ndarray, f_target: np.ndarray, seed: int = 0, n: int = 1000) -> float:
+    """2(1 − 2ε) from a logistic-regression domain classifier trained on half, tested on the other half."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n = min(n, len(f_source), len(f_target))
+    xs = f_source[rng.choice(len(f_source), n, replace=False)]
+    xt = f_target[rng.choice(len(f_target), n, replace=False)]
+    x = np.concatenate([xs, xt])
+    y = np.r_[np.zeros(n), np.ones(n)]
+    order = rng.permutation(2 * n)
+    x, y = x[order], y[order]
+    half = n
+    scaler = StandardScaler().fit(x[:half])
+    clf = LogisticRegression(max_iter=300, C=1.0).fit(scaler.transform(x[:half]), y[:half])
+    err = 1.0 - clf.score(scaler.transform(x[half:]), y[half:])
+    return float(2.0 * (1.0 - 2.0 * min(err, 0.5)))
+
+
+def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed: int = 0) -> dict:
+    """All eval metrics for ``source`` (labelled) and ``target`` (labels optional)."""
+    ps, fs, ds = predict(model, source.images, device)
+    pt, ft, dt = predict(model, target.images, device)
+    n = min(len(ds), len(dt))
+    out = {
+        "source_acc": accuracy(ps, source.labels),
+        "domain_acc": float(((ds[:n] < 0.5).mean() + (dt[:n] >= 0.5).mean()) / 2),
+        "im": information_maximization(pt),
+        "target_entropy": float(-(pt * np.log(pt + 1e-8)).sum(1).mean()),
+        "pad": proxy_a_distance(fs, ft, seed),
+    }
+    if target.labels is not None:
+        out["target_acc"] = accuracy(pt, target.labels)
+    return out
+
+
+def diagnose(history: list[dict], progress: float, method: str) -> list[tuple[str, str]]:
+    """Warnings for the failure modes DANN users report most; returns (key, message) pairs.
+
+    ``history``: the eval records so far (dicts from :func:`evaluate`), oldest first.
+    """
+    if not history:
+        return []
+    last, first = history[-1], history[0]
+    out = []
+    adversarial = method != "source-only"
+    if adversarial and progress >= 0.3 and len(history) >= 2 and all(
+            h["domain_acc"] >= 0.98 for h in history[-2:]):
+        out.append(("domain_stuck_high",
+                    f"domain accuracy {last['domain_acc']:.1%} near 100% at p={progress:.2f}: the discriminator "
+                    "wins and the features are not aligned. Try a larger --lambda-max (up to 10), a smaller "
+                    "or dropout-only discriminator, a lower --gamma for a slower warm-up, and check the GRL sign."))
+    if adversarial and abs(first["domain_acc"] - 0.5) < 0.03 and first["source_acc"] < 0.5 and progress >= 0.1:
+        out.append(("domain_stuck_chance",
+                    f"domain accuracy {first['domain_acc']:.1%} at chance from the first evaluation while source "
+                    f"accuracy is {first['source_acc']:.1%}: the features may have collapsed. Try a smaller "
+                    "--lambda-max, a lower --lr, or a larger --gamma so λ ramps up later."))
+    if progress >= 0.2 and last["source_acc"] < 0.5:
+        out.append(("source_low",
+                    f"source accuracy {last['source_acc']:.1%} at p={progress:.2f}: the classifier is not learning "
+                    "the labelled domain. Check the source labels and class folders, try --lr 0.01 with momentum "
+                    "0.9, and a smaller --lambda-max until source accuracy rises."))
+    return out

@@ -1,0 +1,284 @@
+"""The training loop, top to bottom: data → model → optimiser → steps (eval, checkpoint) → plots, summary.
+
+One step draws B source and B target images, runs them through the network in *one* concatenated
+batch (so BatchNorm sees both domains together), and minimises
+
+    CE(source logits, source labels) + domain_loss(G_d(R_λ(f)))     (see train/dann.py)
+
+with λ = lambda_max · λ_p for dann/cdan/cdan-e and λ = 0 for source-only (G_d still trains on
+detached features, which gives source-only runs a domain accuracy and a discriminator for drift).
+
+Multi-GPU/CPU: launched with ``torchrun --nproc-per-node N``, each process draws its own slice of
+every step's batch from one shared sampler and DDP averages the gradients; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train import checkpoint as ckpt_io
+from train.config import TrainConfig
+from train.dann import dann_lambda, domain_loss, entropy_weights, lr_factor
+from train.data import Dataset, holdout_split, load
+from train.evaluate import diagnose, evaluate, predict
+from train.models import ARCH_INPUT, build_model
+
+log = logging.getLogger("adaptserve.train")
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: CUDA (this process's local GPU) when available, else CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def load_domains(cfg: TrainConfig, input_spec) -> dict[str, Dataset]:
+    """Source (labelled), target (its held-out part removed), and the eval sets."""
+    source = load(cfg.source, input_spec, data_root=cfg.data_dir)
+    if source.labels is None:
+        raise ValueError(f"the source {cfg.source!r} has no labels (a folder needs class sub-folders)")
+    target_pool = load(cfg.target, input_spec, data_root=cfg.data_dir, classes=source.classes)
+    train_idx, _ = holdout_split(len(target_pool), cfg.target_holdout)
+    target = target_pool.subset(train_idx)
+    if cfg.eval == cfg.target:  # folder/npz target: evaluate on its training part, never the held-out part
+        target_eval = target
+    else:
+        target_eval = load(cfg.eval, input_spec, default_split="test", data_root=cfg.data_dir,
+                           classes=source.classes)
+    kind = cfg.source.split(":")[0]
+    source_eval = source if kind in ("folder", "npz") else load(f"{kind}:test", input_spec, data_root=cfg.data_dir)
+    cap = lambda d: d.subset(np.random.default_rng(0).permutation(len(d))[: cfg.eval_samples]) \
+        if len(d) > cfg.eval_samples else d  # noqa: E731
+    return {"source": source, "target": target, "source_eval": cap(source_eval), "target_eval": cap(target_eval)}
+
+
+def param_groups(model, arch, cfg: TrainConfig) -> list[dict]:
+    """Backbone parameters at lr × backbone_lr_mult, everything else at lr (the Office-31 recipe)."""
+    backbone, rest = [], []
+    prefix = f"features.{arch.backbone_prefix}" if arch.backbone_prefix else None
+    for name, p in model.named_parameters():
+        (backbone if prefix and name.startswith(prefix) else rest).append(p)
+    groups = [{"params": rest, "lr_mult": 1.0}]
+    if backbone:
+        groups.insert(0, {"params": backbone, "lr_mult": cfg.backbone_lr_mult})
+    return groups
+
+
+class JsonlLog:
+    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, path)
+        self.f = open(path, "a" if resume_step is not None else "w")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train per ``cfg`` into run directory ``out``; returns the summary dict (also ``summary.json``)."""
+    cfg.validate()
+    # ---- processes and device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    main = rank == 0
+    np.random.seed(cfg.seed)
+
+    # ---- model and data
+    if cfg.arch not in ARCH_INPUT:
+        raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {', '.join(ARCH_INPUT)}")
+    data = load_domains(cfg, ARCH_INPUT[cfg.arch])
+    classes = data["source"].classes
+    torch.manual_seed(cfg.seed + rank)
+    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained)  # DDP broadcasts rank 0 weights
+    model.to(device)
+    on_device = device.type == "cuda" and data["source"].images.nbytes + data["target"].images.nbytes < 2**31
+    xs_all = torch.as_tensor(np.ascontiguousarray(data["source"].images))
+    ys_all = torch.as_tensor(data["source"].labels)
+    xt_all = torch.as_tensor(np.ascontiguousarray(data["target"].images))
+    if on_device:
+        xs_all, ys_all, xt_all = xs_all.to(device), ys_all.to(device), xt_all.to(device)
+
+    groups = param_groups(model, arch, cfg)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    sampler = torch.Generator().manual_seed(cfg.seed)  # shared by all ranks: each takes its slice
+    meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
+            "input_spec": arch.input_spec.to_dict(), "source": cfg.source, "target": cfg.target,
+            "target_holdout": cfg.target_holdout, "num_features": None}
+
+    start, best, history = 0, None, []
+    ckdir = out / "checkpoints"
+    if resume:
+        state = ckpt_io.load(ckdir / "last.pt")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.set_state(state["sampler"])
+        ckpt_io.set_rng_state(state["rng"], device)
+        start, best, history = state["step"], state["best"], state["history"]
+        if main:
+            log.info("resumed %s at step %d/%d", out, start, cfg.steps)
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
+
+    net = model
+    if cfg.compile:
+        net = torch.compile(model)
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    amp_dtype = None
+    if cfg.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    def checkpoint_state(step: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "sampler": sampler.get_state(), "rng": ckpt_io.rng_state(device), "best": best,
+                "history": history, "meta": meta}
+
+    def do_eval(step: int) -> dict:
+        m = evaluate(model, data["source_eval"], data["target_eval"], device, cfg.seed)
+        m.update(kind="eval", step=step)
+        history.append(m)
+        return m
+
+    metrics = JsonlLog(out / "metrics.jsonl", start if resume else None) if main else None
+    B = cfg.batch_size
+    warned: set[str] = set()
+    t0, images_seen = time.perf_counter(), 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source}→{cfg.target}",
+               disable=not (main and progress), unit="step", dynamic_ncols=True)
+    acc_sum = torch.zeros(4, device=device)  # loss_cls, loss_domain, batch source acc, batch domain acc
+    acc_n = 0
+    net.train()
+    for step in range(start, cfg.steps):
+        p = step / cfg.steps
+        lam = 0.0 if cfg.method == "source-only" else cfg.lambda_max * dann_lambda(p, cfg.gamma)
+        lr_now = cfg.lr * (lr_factor(p, cfg.lr_alpha, cfg.lr_beta) if cfg.lr_schedule else 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_now * g["lr_mult"]
+
+        idx_s = torch.randint(len(xs_all), (world * B,), generator=sampler)[rank * B:(rank + 1) * B]
+        idx_t = torch.randint(len(xt_all), (world * B,), generator=sampler)[rank * B:(rank + 1) * B]
+        if on_device:
+            idx_s, idx_t = idx_s.to(device), idx_t.to(device)
+        x = torch.cat([xs_all[idx_s], xt_all[idx_t]]).to(device, non_blocking=True)
+        y = ys_all[idx_s].to(device, non_blocking=True)
+
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits, _, d = net(x, lam)
+            loss_cls = F.cross_entropy(logits[:B].float(), y)
+            weights = entropy_weights(logits.float().softmax(1), B) if cfg.method == "cdan-e" else None
+            loss_dom = domain_loss(d, B, weights)
+            loss = loss_cls + loss_dom
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        images_seen += 2 * B * world
+
+        with torch.no_grad():
+            dom_correct = torch.cat([d[:B] < 0, d[B:] >= 0]).float().mean()
+            acc_sum += torch.stack([loss_cls.detach(), loss_dom.detach(),
+                                    (logits[:B].argmax(1) == y).float().mean(), dom_correct])
+            acc_n += 1
+        done = step + 1
+        if main and (done % cfg.log_every == 0 or done == cfg.steps):
+            lc, ld, sa, da = (acc_sum / acc_n).tolist()
+            metrics.write({"kind": "train", "step": done, "lr": lr_now, "lambda": lam, "loss_cls": lc,
+                           "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
+                           "images_per_s": images_seen / (time.perf_counter() - t0)})
+            bar.set_postfix(cls=f"{lc:.3f}", dom=f"{ld:.3f}", src=f"{sa:.2f}", d_acc=f"{da:.2f}", λ=f"{lam:.2f}")
+            acc_sum.zero_()
+            acc_n = 0
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            if main:
+                m = do_eval(done)
+                metrics.write(m)
+                score = m["target_acc"] if cfg.select == "target_acc" and "target_acc" in m else m["im"]
+                if best is None or score > best["score"]:
+                    best = {"score": score, "step": done, "by": cfg.select}
+                    ckpt_io.save_atomic(checkpoint_state(done), ckdir / "best.pt")
+                ckpt_io.save_atomic(checkpoint_state(done), ckdir / "last.pt")
+                tgt = f" target {m['target_acc']:.1%}" if "target_acc" in m else ""
+                bar.write(f"step {done}: source {m['source_acc']:.1%}{tgt} domain {m['domain_acc']:.1%} "
+                          f"PAD {m['pad']:.2f} IM {m['im']:.3f}")
+                for key, msg in diagnose(history, done / cfg.steps, cfg.method):
+                    if key not in warned:
+                        warned.add(key)
+                        log.warning(msg)
+                        metrics.write({"kind": "warning", "step": done, "key": key, "message": msg})
+            if world > 1:
+                torch.distributed.barrier()
+        bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - t0
+
+    summary = {}
+    if main:
+        metrics.close()
+        final = history[-1]
+        summary = {"method": cfg.method, "arch": cfg.arch, "source": cfg.source, "target": cfg.target,
+                   "eval": cfg.eval, "steps": cfg.steps, "seed": cfg.seed, "world_size": world,
+                   "device": str(device), "wall_time_s": wall, "images_per_s": images_seen / wall if wall else None,
+                   "source_acc": final["source_acc"], "domain_acc": final["domain_acc"], "pad": final["pad"],
+                   "im": final["im"], "best": best, "warnings": sorted(warned)}
+        if "target_acc" in final:
+            summary["target_acc"] = final["target_acc"]
+            summary["best_target_acc"] = next(h["target_acc"] for h in history if h["step"] == best["step"])
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _plots(out, cfg, model, data, device)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _plots(out: Path, cfg: TrainConfig, model, data: dict, device) -> None:
+    from train.plots import plot_curves, plot_tsne
+
+    title = f"{cfg.method} {cfg.source} → {cfg.target} ({cfg.arch}, seed {cfg.seed})"
+    plot_curves(out / "metrics.jsonl", out / "curves.png", title)
+    if cfg.tsne:
+        n = 500
+        src, tgt = data["source_eval"], data["target_eval"]
+        rng = np.random.default_rng(cfg.seed)
+        i_s = rng.choice(len(src), min(n, len(src)), replace=False)
+        i_t = rng.choice(len(tgt), min(n, len(tgt)), replace=False)
+        _, fs, _ = predict(model, src.images[i_s], device)
+        _, ft, _ = predict(model, tgt.images[i_t], device)
+        plot_tsne(fs, src.labels[i_s], ft, None if tgt.labels is None else tgt.labels[i_t],
+                  out / "tsne.png", cfg.seed, title)
+

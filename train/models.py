@@ -1,0 +1,213 @@
+"""Models: feature extractor G_f, label classifier G_y and domain discriminator G_d as separate modules.
+
+``DANN.forward(x, coeff)`` runs all three in one call (so DDP sees every parameter)::
+
+    f = G_f(normalize(x))            x: (N,H,W,C) uint8 → f: (N,D)
+    logits = G_y(f)                  (N,K)
+    d = G_d(GRL_coeff(f), softmax)   (N,)  logit of P(target domain)
+
+Export keeps ``normalize → G_f → G_y`` (:meth:`DANN.inference_module`) and drops the GRL and G_d.
+
+Architectures (``--arch``):
+
+- ``dann_mnist``: the DANN paper's MNIST→MNIST-M CNN (conv 32 5×5 → pool → conv 48 5×5 → pool;
+  G_y fc 100-100-K; G_d fc 100-1), input 32×32×3.
+- ``dann_mnist_bn``: the same shape with BatchNorm and dropout and 64/50 channels (the
+  fungtion/DANN variant users report ≈ 90 % with), input 32×32×3.
+- ``dann_svhn``: the paper's SVHN CNN (conv 64-64-128 5×5; G_y fc 3072-2048-K; G_d fc 1024-1024-1),
+  input 32×32×3.
+- ``lenet``: LeNet for MNIST↔USPS (conv 20-50 5×5, fc 500; G_d 500-500-1), input 28×28×1.
+- ``resnet18`` / ``resnet50``: torchvision backbone (ImageNet normalisation) + bottleneck 256 with
+  BN; G_d 1024-1024-1; input 224×224×3; backbone lr ×0.1; pretrained weights from a local file only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from service.preprocess import InputSpec
+from train.dann import grad_reverse
+
+DIGIT_MEAN, DIGIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """uint8 (N,H,W,C) → float (N,C,H,W), ``(x/255 − mean)/std``. Exported into the ONNX graph."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float().div(255.0)
+        return (x - self.mean) / self.std
+
+
+class DomainDiscriminator(nn.Module):
+    """G_d: features (N,D) [, class probabilities (N,K)] → domain logit (N,); P(target) = sigmoid.
+
+    ``conditional=True`` is CDAN's input, the multilinear map f ⊗ p (flattened, D·K), replaced by the
+    randomized map (R_f f) ⊙ (R_p p)/√r when D·K > 16384 (Long et al. 2018). Dropout, no BatchNorm:
+    BN makes the discriminator win too easily (a failure mode DANN users report).
+    """
+
+    def __init__(self, in_features: int, hidden: int, layers: int = 2, num_classes: int = 0,
+                 conditional: bool = False, random_dim: int = 1024):
+        super().__init__()
+        self.conditional = conditional
+        self.randomized = conditional and in_features * num_classes > 16384
+        if self.randomized:
+            self.register_buffer("rf", torch.randn(in_features, random_dim))
+            self.register_buffer("rp", torch.randn(num_classes, random_dim))
+            d_in = random_dim
+        else:
+            d_in = in_features * num_classes if conditional else in_features
+        blocks, width = [], d_in
+        for _ in range(layers - 1):
+            blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5)]
+            width = hidden
+        self.net = nn.Sequential(*blocks, nn.Linear(width, 1))
+
+    def forward(self, f: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        if self.randomized:
+            h = (f @ self.rf) * (p @ self.rp) / self.rf.shape[1] ** 0.5
+        elif self.conditional:
+            h = torch.bmm(p.unsqueeze(2), f.unsqueeze(1)).flatten(1)
+        else:
+            h = f
+        return self.net(h).squeeze(1)
+
+
+class DANN(nn.Module):
+    """The whole adversarial network; see the module docstring for the data flow."""
+
+    def __init__(self, normalize: Normalize, features: nn.Module, classifier: nn.Module,
+                 discriminator: DomainDiscriminator):
+        super().__init__()
+        self.normalize, self.features = normalize, features
+        self.classifier, self.discriminator = classifier, discriminator
+
+    def forward(self, x: torch.Tensor, coeff: float = 0.0):
+        f = self.features(self.normalize(x))
+        logits = self.classifier(f)
+        d = self.discriminator(grad_reverse(f, coeff), logits.detach().softmax(1))
+        return logits, f, d
+
+    def inference_module(self) -> nn.Module:
+        """normalize → G_f → G_y, returning (logits, features): what export turns into ONNX."""
+        return _Inference(self.normalize, self.features, self.classifier)
+
+
+class _Inference(nn.Module):
+    def __init__(self, normalize, features, classifier):
+        super().__init__()
+        self.normalize, self.features, self.classifier = normalize, features, classifier
+
+    def forward(self, x):
+        f = self.features(self.normalize(x))
+        return self.classifier(f), f
+
+
+@dataclass
+class Arch:
+    """What the trainer needs to know about an architecture beyond its modules."""
+
+    name: str
+    input_spec: InputSpec
+    backbone_prefix: str = ""  # parameters under features.<prefix> get backbone_lr_mult
+
+
+ARCH_INPUT = {
+    "dann_mnist": InputSpec(32, 32, 3),
+    "dann_mnist_bn": InputSpec(32, 32, 3),
+    "dann_svhn": InputSpec(32, 32, 3),
+    "lenet": InputSpec(28, 28, 1),
+    "resnet18": InputSpec(224, 224, 3),
+    "resnet50": InputSpec(224, 224, 3),
+}
+
+
+def _conv_features(spec: list, in_ch: int, size: int) -> tuple[nn.Sequential, int]:
+    """Build ``[(out_ch, kernel, pool, bn, dropout), ...]`` conv blocks; return (module, flat dim)."""
+    layers = []
+    for out_ch, k, pool, bn, drop in spec:
+        layers.append(nn.Conv2d(in_ch, out_ch, k))
+        size = size - k + 1
+        if bn:
+            layers.append(nn.BatchNorm2d(out_ch))
+        if drop:
+            layers.append(nn.Dropout2d(drop))
+        if pool:
+            layers.append(nn.MaxPool2d(pool[0], pool[1], padding=pool[2]))
+            size = (size + 2 * pool[2] - pool[0]) // pool[1] + 1
+        layers.append(nn.ReLU(inplace=True))
+        in_ch = out_ch
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers), in_ch * size * size
+
+
+def _mlp(dims: list[int], bn: bool = False, dropout: float = 0.0) -> nn.Sequential:
+    layers = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers.append(nn.Linear(a, b))
+        if bn:
+            layers.append(nn.BatchNorm1d(b))
+        layers.append(nn.ReLU(inplace=True))
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(dims[-2], dims[-1]))
+    return nn.Sequential(*layers)
+
+
+def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: str | None = None
+                ) -> tuple[DANN, Arch]:
+    """Build ``arch`` for ``num_classes``; ``method`` in cdan/cdan-e makes G_d conditional."""
+    if arch not in ARCH_INPUT:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCH_INPUT)}")
+    spec = ARCH_INPUT[arch]
+    conditional = method in ("cdan", "cdan-e")
+    backbone_prefix = ""
+    if arch == "dann_mnist":
+        features, dim = _conv_features([(32, 5, (2, 2, 0), False, 0), (48, 5, (2, 2, 0), False, 0)], 3, 32)
+        classifier, (hidden, depth) = _mlp([dim, 100, 100, num_classes]), (100, 2)
+    elif arch == "dann_mnist_bn":
+        features, dim = _conv_features([(64, 5, (2, 2, 0), True, 0), (50, 5, (2, 2, 0), True, 0.5)], 3, 32)
+        classifier, (hidden, depth) = _mlp([dim, 100, 100, num_classes], bn=True, dropout=0.5), (100, 2)
+    elif arch == "dann_svhn":
+        features, dim = _conv_features([(64, 5, (3, 2, 1), False, 0), (64, 5, (3, 2, 1), False, 0),
+                                        (128, 5, None, False, 0)], 3, 32)
+        classifier, (hidden, depth) = _mlp([dim, 3072, 2048, num_classes]), (1024, 3)
+    elif arch == "lenet":
+        conv, cdim = _conv_features([(20, 5, (2, 2, 0), False, 0), (50, 5, (2, 2, 0), False, 0.5)], 1, 28)
+        features, dim = nn.Sequential(conv, nn.Linear(cdim, 500), nn.ReLU(inplace=True), nn.Dropout(0.5)), 500
+        classifier, (hidden, depth) = nn.Linear(dim, num_classes), (500, 3)
+    else:
+        features, dim = _resnet(arch, pretrained)
+        classifier, (hidden, depth) = nn.Linear(dim, num_classes), (1024, 3)
+        backbone_prefix = "0."
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if arch.startswith("resnet") else (
+        DIGIT_MEAN[: spec.channels], DIGIT_STD[: spec.channels])
+    disc = DomainDiscriminator(dim, hidden, depth, num_classes, conditional)
+    return DANN(Normalize(mean, std), features, classifier, disc), Arch(arch, spec, backbone_prefix)
+
+
+def _resnet(arch: str, pretrained: str | None) -> tuple[nn.Module, int]:
+    """torchvision ResNet without its fc, + bottleneck Linear-BN-ReLU to 256. Weights from a local file."""
+    import torchvision
+
+    net = getattr(torchvision.models, arch)(weights=None)
+    if pretrained:
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if [m for m in missing if not m.startswith("fc.")] or unexpected:
+            raise ValueError(f"{pretrained} does not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    bottleneck = nn.Sequential(nn.Linear(width, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True))
+    return nn.Sequential(net, bottleneck), 256

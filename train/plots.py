@@ -1,0 +1,94 @@
+"""Plots of a run: ``curves.png`` (losses, accuracies, schedules) and ``tsne.png`` (feature alignment)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _figure(*args, **kwargs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(*args, **kwargs)
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """``metrics.jsonl`` → (train records, eval records)."""
+    train, evals = [], []
+    for line in Path(path).read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "eval":
+            evals.append(rec)
+        elif rec.get("kind") == "train":
+            train.append(rec)
+    return train, evals
+
+
+def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
+    train, evals = read_metrics(metrics_path)
+    plt, (fig, axes) = _figure(2, 2, figsize=(11, 7))
+    ax = axes[0, 0]
+    if train:
+        s = [r["step"] for r in train]
+        ax.plot(s, [r["loss_cls"] for r in train], label="source classification")
+        ax.plot(s, [r["loss_domain"] for r in train], label="domain (G_d)")
+        ax.axhline(2 * np.log(2), ls=":", c="grey", label="domain loss at chance (2 ln 2)")
+    ax.set(title="training losses", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[0, 1]
+    if evals:
+        s = [r["step"] for r in evals]
+        for key, label in [("source_acc", "source acc"), ("target_acc", "target acc"),
+                           ("domain_acc", "domain acc (G_d)")]:
+            if key in evals[0]:
+                ax.plot(s, [r[key] for r in evals], marker="o", ms=3, label=label)
+        ax.axhline(0.5, ls=":", c="grey")
+    ax.set(title="evaluation accuracy", xlabel="step", ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+    ax = axes[1, 0]
+    if train:
+        ax.plot(s := [r["step"] for r in train], [r["lambda"] for r in train], label="λ (GRL coefficient)")
+        ax.plot(s, [r["lr"] / train[0]["lr"] for r in train], label="lr / lr₀")
+    ax.set(title="schedules", xlabel="step")
+    ax.legend(fontsize=8)
+    ax = axes[1, 1]
+    if evals:
+        s = [r["step"] for r in evals]
+        ax.plot(s, [r["pad"] for r in evals], marker="o", ms=3, label="proxy A-distance (0 aligned, 2 apart)")
+        ax.plot(s, [r["im"] for r in evals], marker="o", ms=3, label="IM score on target (nats)")
+    ax.set(title="alignment and label-free score", xlabel="step")
+    ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_tsne(f_source: np.ndarray, y_source: np.ndarray, f_target: np.ndarray, y_target: np.ndarray | None,
+              out: Path, seed: int = 0, title: str = "") -> None:
+    """t-SNE of source vs target features: left coloured by domain, right by class."""
+    from sklearn.manifold import TSNE
+
+    n_s = len(f_source)
+    emb = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed).fit_transform(
+        np.concatenate([f_source, f_target]).astype(np.float32))
+    plt, (fig, axes) = _figure(1, 2, figsize=(12, 5.5))
+    axes[0].scatter(*emb[:n_s].T, s=4, c="tab:blue", label="source")
+    axes[0].scatter(*emb[n_s:].T, s=4, c="tab:red", label="target")
+    axes[0].legend(markerscale=3)
+    axes[0].set_title("by domain")
+    axes[1].scatter(*emb[:n_s].T, s=4, c=y_source, cmap="tab10", marker="o")
+    if y_target is not None:
+        axes[1].scatter(*emb[n_s:].T, s=8, c=y_target, cmap="tab10", marker="x")
+    axes[1].set_title("by class (o source, x target)")
+    for ax in axes:
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
