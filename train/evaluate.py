@@ -24,7 +24,7 @@ def predict(model, images: np.ndarray | torch.Tensor, device: torch.device, batc
     model.eval()
     probs, feats, dom = [], [], []
     for i in range(0, len(images), batch_size):
-        x = torch.as_tensor(np.asarray(images[i:i + batch_size])).to(device)
+        x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # copy: may be a read-only mmap
         logits, f, d = model(x)
         probs.append(logits.float().softmax(1).cpu())
         feats.append(f.float().cpu())

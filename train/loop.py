@@ -134,7 +134,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     sampler = torch.Generator().manual_seed(cfg.seed)  # shared by all ranks: each takes its slice
     meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
             "input_spec": arch.input_spec.to_dict(), "source": cfg.source, "target": cfg.target,
-            "target_holdout": cfg.target_holdout, "num_features": None}
+            "target_holdout": cfg.target_holdout}
 
     start, best, history = 0, None, []
     ckdir = out / "checkpoints"
@@ -175,7 +175,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     metrics = JsonlLog(out / "metrics.jsonl", start if resume else None) if main else None
     B = cfg.batch_size
     warned: set[str] = set()
-    t0, images_seen = time.perf_counter(), 0
+    t0, images_seen, eval_time = time.perf_counter(), 0, 0.0
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source}→{cfg.target}",
@@ -219,12 +219,13 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             lc, ld, sa, da = (acc_sum / acc_n).tolist()
             metrics.write({"kind": "train", "step": done, "lr": lr_now, "lambda": lam, "loss_cls": lc,
                            "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
-                           "images_per_s": images_seen / (time.perf_counter() - t0)})
+                           "images_per_s": images_seen / (time.perf_counter() - t0 - eval_time)})
             bar.set_postfix(cls=f"{lc:.3f}", dom=f"{ld:.3f}", src=f"{sa:.2f}", d_acc=f"{da:.2f}", λ=f"{lam:.2f}")
             acc_sum.zero_()
             acc_n = 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
             if main:
+                t_eval = time.perf_counter()
                 m = do_eval(done)
                 metrics.write(m)
                 score = m["target_acc"] if cfg.select == "target_acc" and "target_acc" in m else m["im"]
@@ -240,6 +241,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                         warned.add(key)
                         log.warning(msg)
                         metrics.write({"kind": "warning", "step": done, "key": key, "message": msg})
+                eval_time += time.perf_counter() - t_eval
             if world > 1:
                 torch.distributed.barrier()
         bar.update(1)
@@ -252,7 +254,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         final = history[-1]
         summary = {"method": cfg.method, "arch": cfg.arch, "source": cfg.source, "target": cfg.target,
                    "eval": cfg.eval, "steps": cfg.steps, "seed": cfg.seed, "world_size": world,
-                   "device": str(device), "wall_time_s": wall, "images_per_s": images_seen / wall if wall else None,
+                   "device": str(device), "wall_time_s": wall, "eval_time_s": eval_time,
+                   "images_per_s": images_seen / (wall - eval_time),  # training steps only, rank 0's clock
                    "source_acc": final["source_acc"], "domain_acc": final["domain_acc"], "pad": final["pad"],
                    "im": final["im"], "best": best, "warnings": sorted(warned)}
         if "target_acc" in final:

@@ -1,0 +1,150 @@
+"""The drift reference: held-out target images → reference statistics and calibrated null thresholds.
+
+Which images: by default the held-out part of the run's target (``train.data.holdout_split`` with the
+run's ``target_holdout``) — never trained on, never used by training's evaluation (that uses the target's
+test split, or for folder/npz targets the training part). ``--reference SPEC`` replaces it with any
+dataset spec.
+
+How they are used (numpy only; the statistics themselves are in :mod:`service.drift`):
+
+- a fixed seeded permutation splits them into a **reference pool** — 2,000 images when at least 4,000
+  are held out, otherwise half — and a **calibration pool** (the rest, never smaller than the reference);
+- the reference pool's discriminator scores, softmax outputs and PCA-projected features are stored; the
+  PCA basis (mean + top ``PCA_DIMS`` components, numpy SVD) is fitted on the reference features;
+- ``B`` windows of ``W = min(200, calibration pool)`` images are bootstrapped (drawn with replacement)
+  from the calibration pool — in-distribution data the reference has not seen — and each test's
+  statistic is computed against the reference. ``α`` is the overall false-alarm rate of a window, each
+  of the three tests runs at ``α/3``: the MMD² alarm threshold is the ``(1 − α/3)`` quantile of these null
+  statistics; the KS tests alarm at ``p < α/3``, and their empirical false-alarm rates (and that of "any
+  test") on the bootstrap windows are recorded.
+  Duplicated images inside a bootstrap window are left out of the window's within-sample MMD term (pairs
+  of the same image would add k(x, x) = 1 and bias the null upward), so the null matches windows of
+  distinct images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service import drift
+
+WINDOW, ALPHA, N_BOOTSTRAP, PCA_DIMS, SEED = 200, 0.01, 1000, 10, 0
+REFERENCE_MAX = 2000
+MIN_IMAGES = 256  # parity needs 256 real images; below that the drift split is not meaningful either
+
+
+def reference_images(meta: dict, input_spec, spec: str | None, data_root=None) -> tuple[str, np.ndarray]:
+    """Return (description, uint8 images in ``input_spec``) of the reference; raise ValueError if unusable."""
+    from train.data import DataError, holdout_split, load
+
+    if spec:
+        data = load(spec, input_spec, data_root=data_root, classes=meta["classes"])
+        desc, images = spec, data.images
+    else:
+        frac = float(meta.get("target_holdout") or 0.0)
+        if frac <= 0:
+            raise DataError("the run kept no held-out target images (--target-holdout 0); "
+                            "pass --reference SPEC with in-distribution target images")
+        pool = load(meta["target"], input_spec, data_root=data_root, classes=meta["classes"])
+        _, held = holdout_split(len(pool), frac)
+        desc, images = f"{meta['target']} (held-out {frac:g}: {len(held)} of {len(pool)})", pool.images[held]
+    if len(images) < MIN_IMAGES:
+        raise DataError(f"reference {desc} has {len(images)} images; export needs at least {MIN_IMAGES} "
+                        "in-distribution target images (parity check and drift calibration) — pass "
+                        "--reference SPEC with more, or train with a larger --target-holdout")
+    return desc, np.ascontiguousarray(images)
+
+
+def split_pools(n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (reference, calibration): 2,000 reference images if ``n ≥ 4000``, otherwise ``n // 2``."""
+    n_ref = REFERENCE_MAX if n >= 2 * REFERENCE_MAX else n // 2
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
+
+
+def fit_pca(features: np.ndarray, dims: int = PCA_DIMS) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), components (k, D)) of ``features`` by SVD of the centred matrix; k = min(dims, D, n−1)."""
+    f = np.asarray(features, np.float64)
+    mean = f.mean(0)
+    _, _, vt = np.linalg.svd(f - mean, full_matrices=False)
+    k = max(1, min(dims, f.shape[1], len(f) - 1))
+    return mean, vt[:k]
+
+
+def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP,
+              seed: int = SEED) -> dict:
+    """Bootstrap null distributions of the three statistics.
+
+    ``ref`` / ``cal``: dicts with ``p_target`` (n,), ``probabilities`` (n, K), ``projections`` (n, k).
+    ``alpha`` is overall; each test runs at ``alpha / 3``. Returns the null arrays, the MMD² threshold,
+    the bandwidth and the empirical false-alarm rates.
+    """
+    a = alpha / len(drift.TESTS)
+    n_cal = len(cal["p_target"])
+    if window > n_cal or window < 2:
+        raise ValueError(f"window {window} does not fit a calibration pool of {n_cal}")
+    rng = np.random.default_rng(seed)
+    bandwidth = drift.median_heuristic(ref["projections"], seed=seed)
+    k_yy = drift.rbf_kernel(ref["projections"], ref["projections"], bandwidth)
+    n_ref = len(k_yy)
+    yy = float((k_yy.sum() - np.trace(k_yy)) / (n_ref * (n_ref - 1)))
+    del k_yy
+    k_cr_mean = drift.rbf_kernel(cal["projections"], ref["projections"], bandwidth).mean(1)  # (n_cal,)
+    null_mmd, null_pd, null_pc = np.empty(n_bootstrap), np.empty(n_bootstrap), np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        idx = rng.integers(0, n_cal, window)
+        z = cal["projections"][idx]
+        k_xx = drift.rbf_kernel(z, z, bandwidth)
+        distinct = idx[:, None] != idx[None, :]
+        xx = float(k_xx[distinct].mean()) if distinct.any() else 1.0
+        null_mmd[b] = xx + yy - 2.0 * float(k_cr_mean[idx].mean())
+        null_pd[b] = drift.ks_test(ref["p_target"], cal["p_target"][idx])[1]
+        null_pc[b] = drift.ks_per_class(ref["probabilities"], cal["probabilities"][idx])[2]
+    threshold = float(np.quantile(null_mmd, 1.0 - a))
+    alarms = np.stack([null_pd < a, null_pc < a, null_mmd > threshold])
+    return {
+        "bandwidth": bandwidth, "mmd2_threshold": threshold, "null_mmd2": null_mmd,
+        "null_p_discriminator": null_pd, "null_p_softmax": null_pc,
+        "false_alarm_rate": {"ks_discriminator": float(alarms[0].mean()),
+                             "ks_softmax_bonferroni": float(alarms[1].mean()),
+                             "mmd_pca": float(alarms[2].mean()), "any": float(alarms.any(0).mean())},
+    }
+
+
+def build(outputs: dict, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP, seed: int = SEED,
+          window_max: int = WINDOW) -> tuple[dict, dict]:
+    """From the model's outputs on all reference images — ``p_target`` (n,), ``probabilities`` (n, K),
+    ``features`` (n, D) — build the arrays of ``drift_reference.npz`` and the settings for the manifest."""
+    n = len(outputs["p_target"])
+    ref_idx, cal_idx = split_pools(n, seed)
+    mean, comps = fit_pca(outputs["features"][ref_idx])
+    proj = (np.asarray(outputs["features"], np.float64) - mean) @ comps.T
+    ref = {"p_target": outputs["p_target"][ref_idx], "probabilities": outputs["probabilities"][ref_idx],
+           "projections": proj[ref_idx]}
+    cal = {"p_target": outputs["p_target"][cal_idx], "probabilities": outputs["probabilities"][cal_idx],
+           "projections": proj[cal_idx]}
+    window = min(window_max, len(cal_idx))
+    c = calibrate(ref, cal, window, alpha, n_bootstrap, seed)
+    arrays = {
+        "ref_p_target": ref["p_target"].astype(np.float32),
+        "ref_probabilities": ref["probabilities"].astype(np.float32),
+        "pca_mean": mean, "pca_components": comps, "ref_projections": ref["projections"],
+        "mmd_bandwidth": np.float64(c["bandwidth"]), "mmd2_threshold": np.float64(c["mmd2_threshold"]),
+        "null_mmd2": c["null_mmd2"], "null_p_discriminator": c["null_p_discriminator"],
+        "null_p_softmax": c["null_p_softmax"], "window": np.int64(window), "alpha": np.float64(alpha),
+        "alpha_per_test": np.float64(alpha / len(drift.TESTS)),
+        "seed": np.int64(seed), "n_reference": np.int64(len(ref_idx)), "n_calibration": np.int64(len(cal_idx)),
+        "n_bootstrap": np.int64(n_bootstrap),
+    }
+    settings = {
+        "window": window, "alpha": alpha, "alpha_per_test": alpha / len(drift.TESTS), "tests": list(drift.TESTS),
+        "seed": seed,
+        "n_reference": len(ref_idx), "n_calibration": len(cal_idx), "n_bootstrap": n_bootstrap,
+        "window_sampling": "bootstrap (with replacement) from the calibration pool",
+        "pca_dims": int(comps.shape[0]), "mmd_kernel": "rbf", "mmd_bandwidth": c["bandwidth"],
+        "mmd2_threshold": c["mmd2_threshold"], "alarm": "p < alpha_per_test (KS tests), MMD² > mmd2_threshold; "
+        "drift = any test alarms",
+        "softmax_correction": "bonferroni",
+        "empirical_false_alarm_rate": c["false_alarm_rate"],
+    }
+    return arrays, settings

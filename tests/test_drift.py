@@ -1,0 +1,100 @@
+"""Drift statistics (service/drift.py) and their calibration (export/reference.py) on synthetic data:
+false alarms near α on in-distribution windows, detection of clear shifts. numpy/scipy only, seconds."""
+
+import numpy as np
+import pytest
+from scipy.stats import ks_2samp
+
+from export.reference import build, calibrate, fit_pca, split_pools
+from service import drift
+
+W, A = 200, 0.05  # window, per-test level used in the rate checks (5 % gives tighter rate estimates than 1 %)
+D, K = 20, 6
+RNG_W = np.random.default_rng(42)
+W_CLS, W_DOM = RNG_W.normal(size=(D, K)), RNG_W.normal(size=D) / np.sqrt(D) + np.r_[np.full(3, 0.3), np.zeros(D - 3)]
+SCALES = np.linspace(2.0, 0.2, D)
+
+
+def outputs(n: int, rng, shift: float = 0.0) -> dict:
+    """A synthetic 'model': Gaussian features, softmax of a linear classifier, sigmoid discriminator."""
+    f = rng.normal(size=(n, D)) * SCALES
+    f[:, :3] += shift
+    logits = f @ W_CLS
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return {"features": f, "probabilities": p, "p_target": 1 / (1 + np.exp(-f @ W_DOM))}
+
+
+def test_statistics_match_their_definitions():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 3)), rng.normal(size=(40, 3)) + 0.3
+    s = 0.9
+    k = lambda a, b: np.exp(-((a - b) ** 2).sum() / (2 * s * s))  # noqa: E731
+    xx = sum(k(x[i], x[j]) for i in range(30) for j in range(30) if i != j) / (30 * 29)
+    yy = sum(k(y[i], y[j]) for i in range(40) for j in range(40) if i != j) / (40 * 39)
+    xy = sum(k(a, b) for a in x for b in y) / (30 * 40)
+    assert drift.mmd2_unbiased(x, y, s) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+    a, b = rng.normal(size=300), rng.normal(size=200)
+    assert drift.ks_test(a, b) == pytest.approx(tuple(ks_2samp(a, b)))
+    assert drift.bonferroni([0.2, 0.004, 0.5]) == pytest.approx(0.012)
+    assert drift.bonferroni([0.9, 0.5]) == 1.0
+    assert drift.empirical_p(np.arange(99.0), 97.5) == pytest.approx(2 / 100)  # null values ≥ 97.5: {98}
+    pts = np.array([[0.0], [1.0], [3.0]])  # distances 1, 2, 3 → median 2
+    assert drift.median_heuristic(pts) == pytest.approx(2.0)
+
+
+def test_ks_tests_false_alarms_near_alpha_and_detect_shifts():
+    rng = np.random.default_rng(1)
+    ref = outputs(1000, rng)
+    p_d, p_c, power_d, power_c = [], [], [], []
+    for _ in range(150):
+        win = outputs(W, rng)
+        p_d.append(drift.ks_test(ref["p_target"], win["p_target"])[1])
+        p_c.append(drift.ks_per_class(ref["probabilities"], win["probabilities"])[2])
+    for _ in range(30):
+        shifted = outputs(W, rng, shift=1.5)
+        power_d.append(drift.ks_test(ref["p_target"], shifted["p_target"])[1] < A)
+        power_c.append(drift.ks_per_class(ref["probabilities"], shifted["probabilities"])[2] < A)
+    assert np.mean(np.array(p_d) < A) <= 2 * A + 0.03
+    assert np.mean(np.array(p_c) < A) <= 2 * A + 0.03  # Bonferroni: at most A, usually below
+    assert np.mean(power_d) >= 0.9 and np.mean(power_c) >= 0.9
+
+
+def test_mmd_threshold_from_bootstrap_false_alarms_near_alpha_and_detects_shift():
+    rng = np.random.default_rng(2)
+    pool = outputs(1000, rng)
+    ref_idx, cal_idx = split_pools(1000)
+    mean, comps = fit_pca(pool["features"][ref_idx])
+    proj = lambda o: (o["features"] - mean) @ comps.T  # noqa: E731
+    z = proj(pool)
+    ref = {"p_target": pool["p_target"][ref_idx], "probabilities": pool["probabilities"][ref_idx],
+           "projections": z[ref_idx]}
+    cal = {"p_target": pool["p_target"][cal_idx], "probabilities": pool["probabilities"][cal_idx],
+           "projections": z[cal_idx]}
+    c = calibrate(ref, cal, W, alpha=3 * A, n_bootstrap=200, seed=0)  # per-test level A
+    assert c["false_alarm_rate"]["mmd_pca"] <= A + 0.01  # by construction of the quantile
+    bw, thr, y = c["bandwidth"], c["mmd2_threshold"], ref["projections"]
+    k_yy = drift.rbf_kernel(y, y, bw)
+    yy = (k_yy.sum() - np.trace(k_yy)) / (len(y) * (len(y) - 1))  # the window-independent term, once
+    fresh = [drift.mmd2_unbiased(proj(outputs(W, rng)), y, bw, yy) for _ in range(80)]
+    shifted = [drift.mmd2_unbiased(proj(outputs(W, rng, shift=0.5)), y, bw, yy) for _ in range(20)]
+    assert np.mean(np.array(fresh) > thr) <= 2 * A + 0.03
+    assert np.mean(np.array(shifted) > thr) >= 0.9
+
+
+def test_reference_file_round_trip_and_check(tmp_path):
+    rng = np.random.default_rng(3)
+    arrays, settings = build(outputs(700, rng), n_bootstrap=200)
+    assert settings["n_reference"] == 350 and settings["n_calibration"] == 350 and settings["window"] == W
+    assert settings["alpha_per_test"] == pytest.approx(0.01 / 3)
+    assert set(settings["empirical_false_alarm_rate"]) == {*drift.TESTS, "any"}
+    np.savez(tmp_path / "ref.npz", **arrays)
+    ref = drift.DriftReference.load(tmp_path / "ref.npz")
+    win = outputs(W, rng)
+    ok = ref.check(win["p_target"], win["probabilities"], win["features"])
+    assert set(ok) == {*drift.TESTS, "drift"} and 0 < ok["mmd_pca"]["p_value"] <= 1
+    bad = outputs(W, rng, shift=2.0)
+    alarm = ref.check(bad["p_target"], bad["probabilities"], bad["features"])
+    assert alarm["drift"] and alarm["mmd_pca"]["alarm"] and alarm["ks_softmax_bonferroni"]["alarm"]
+    with pytest.raises(ValueError, match="calibrated for windows of 200"):
+        ref.check(win["p_target"][:10], win["probabilities"][:10], win["features"][:10])
