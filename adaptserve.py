@@ -152,6 +152,37 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="batch-score images with an exported model (torch-free), with a drift report",
+                       description="Classify a folder of images (recursive), a .npy or a .npz (images, optional "
+                       "labels) with an exported model; write one row per item to FILE (.csv, .jsonl or .parquet) "
+                       "and the drift tests over consecutive windows of W images to FILE.drift.json. Unreadable "
+                       "files get an error row and are skipped.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="BentoML store tag (name[:version]) or exported model folder")
+    p.add_argument("input", type=Path, metavar="INPUT", help="folder of images, .npy or .npz")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file: .csv, .jsonl or .parquet")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_score(args) -> int:
+    from service.score import score
+
+    s = score(args.model, args.input, args.out, batch_size=args.batch_size, progress=not args.no_progress,
+              device=args.device, threads=args.threads)
+    if s["n_errors"]:
+        print(f"{s['n_errors']} of {s['n_items']} items could not be read and were skipped (see the error column "
+              f"of {s['out']})", file=sys.stderr)
+    drift = (f"{s['n_windows']} drift windows, {s['fraction_windows_alarmed']:.0%} alarmed" if s["n_windows"]
+             else "no full drift window")
+    acc = f", accuracy {s['accuracy']:.2%} on {s['n_labelled']} labelled" if s["accuracy"] is not None else ""
+    print(f"scored {s['n_scored']} of {s['n_items']} items in {s['seconds']:.1f} s{acc}; {drift} → {s['out']}, "
+          f"{s['drift_report']}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole job on the embedded demo pair (no downloads, no GPU)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -193,11 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_train(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_score(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "demo": cmd_demo}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "export": cmd_export, "score": cmd_score,
+                "demo": cmd_demo}
     try:
         return handlers[args.command](args)
     except (UserError, ValueError, OSError) as e:  # DataError, CheckpointError, ImageError are ValueErrors

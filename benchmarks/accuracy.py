@@ -40,10 +40,11 @@ def main() -> None:
     args = ap.parse_args()
 
     results = []
+    # seeds outermost: a benchmark cut short still has every method at the first seeds
     for pair in args.pairs:
         source, target = pair.split(":")
-        for method in args.methods:
-            for seed in args.seeds:
+        for seed in args.seeds:
+            for method in args.methods:
                 out = args.out / f"{source}-{target}" / f"{method}-s{seed}"
                 if (out / "summary.json").exists():
                     summary = json.loads((out / "summary.json").read_text())

@@ -179,7 +179,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source}→{cfg.target}",
-               disable=not (main and progress), unit="step", dynamic_ncols=True)
+               disable=not (main and progress), unit="step", dynamic_ncols=True, mininterval=1.0)
     acc_sum = torch.zeros(4, device=device)  # loss_cls, loss_domain, batch source acc, batch domain acc
     acc_n = 0
     net.train()

@@ -1,0 +1,330 @@
+"""``adaptserve score MODEL INPUT --out FILE`` — batch scoring with an exported model, torch-free.
+
+    adaptserve score adaptserve-dann:latest photos/ --out scores.csv
+    adaptserve score runs/model-folder test.npz --out scores.parquet
+
+MODEL is a BentoML store tag or a folder written by ``adaptserve export --out``. INPUT is one of
+
+- a folder of images, searched recursively (files with an image suffix; a folder whose top level holds only
+  sub-folders named after the model's classes is labelled by them, like ``folder:`` training data);
+- a ``.npy`` file of images (memory-mapped, so it is read batch by batch);
+- a ``.npz`` file with an ``images`` array (or its only array) and optionally ``labels`` (class indices).
+
+Images stream through in batches (``--batch-size``, default 256): memory is bounded by one batch plus one
+drift window. Each item gets a row — ``path`` (folders) or ``index`` (arrays), ``label``, ``class_index``,
+``confidence``, ``true_label`` (when labelled) and ``error`` — written to ``.csv``, ``.jsonl`` or
+``.parquet`` (parquet needs pyarrow) by FILE's suffix. An unreadable item gets a row with its ``error`` and
+no prediction; the run goes on and the count is printed on stderr.
+
+The drift report ``FILE.drift.json`` holds the three tests of :meth:`service.drift.DriftReference.check` on
+every consecutive, non-overlapping window of W scored images (W = the window the model's thresholds are
+calibrated for; a tail shorter than W is not tested), and a summary: the fraction of windows that alarmed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from service.drift import TESTS
+from service.preprocess import ImageError, decode_image, to_input_spec
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+FORMATS = (".csv", ".jsonl", ".parquet")
+DEFAULT_BATCH = 256
+
+
+class ScoreError(ValueError):
+    """A problem with the scorer's arguments or input as a whole (the CLI prints it, exit 2)."""
+
+
+def drift_tests(result: dict, ref) -> list[dict]:
+    """One entry per test of a :meth:`DriftReference.check` result: name, statistic, p-value, threshold.
+
+    The KS tests alarm when ``p_value < threshold`` (α/3); the MMD test when ``statistic > threshold``
+    (the calibrated MMD² quantile) — ``threshold_on`` says which.
+    """
+    out = []
+    for name in TESTS:
+        r = result[name]
+        mmd = name == "mmd_pca"
+        out.append({"name": name, "statistic": float(r["statistic"]), "p_value": float(r["p_value"]),
+                    "threshold": float(r["threshold"] if mmd else ref.alpha_per_test),
+                    "threshold_on": "statistic" if mmd else "p_value", "is_drift": bool(r["alarm"])})
+    return out
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class Batch:
+    ids: list                      # path strings or integer indices, one per item
+    images: list                   # uint8 arrays (any size) or None when unreadable
+    errors: list                   # None or a message, one per item
+    labels: list | None = None     # true class indices (or None per item), when labelled
+
+
+@dataclass
+class Source:
+    kind: str                      # "folder" | "array"
+    n: int
+    labelled: bool
+    batches: Iterator[Batch] = field(repr=False)
+
+
+def _folder(root: Path, classes: list[str], batch_size: int) -> Source:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ScoreError(f"folder {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    subdirs = [p.name for p in root.iterdir() if p.is_dir()]
+    top_files = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    labelled = bool(subdirs) and not top_files and set(subdirs) <= set(classes)
+
+    def gen():
+        for i in range(0, len(files), batch_size):
+            chunk = files[i:i + batch_size]
+            images, errors = [], []
+            for path in chunk:
+                try:
+                    images.append(decode_image(path.read_bytes()))
+                    errors.append(None)
+                except (ImageError, OSError) as e:
+                    images.append(None)
+                    errors.append(str(e))
+            labels = [classes.index(p.relative_to(root).parts[0]) for p in chunk] if labelled else None
+            yield Batch([str(p) for p in chunk], images, errors, labels)
+
+    return Source("folder", len(files), labelled, gen())
+
+
+def _arrays(path: Path, batch_size: int) -> Source:
+    try:
+        if path.suffix.lower() == ".npy":
+            images, labels = np.load(path, mmap_mode="r", allow_pickle=False), None
+        else:
+            z = np.load(path, allow_pickle=False)
+            keys = [k for k in z.files if k != "labels"]
+            key = "images" if "images" in z.files else (keys[0] if len(keys) == 1 else None)
+            if key is None:
+                raise ScoreError(f"{path} has no array 'images' (found: {', '.join(z.files) or 'none'})")
+            images, labels = z[key], (z["labels"] if "labels" in z.files else None)
+    except ScoreError:
+        raise
+    except Exception as e:  # ValueError / OSError / zipfile.BadZipFile / EOFError on a broken file
+        raise ScoreError(f"{path} is not a readable {path.suffix} file: {e}") from None
+    if images.ndim not in (3, 4):
+        raise ScoreError(f"{path}: images must be (N,H,W) or (N,H,W,C), got shape {images.shape}")
+    if labels is not None:
+        labels = np.asarray(labels).ravel()
+        if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise ScoreError(f"{path}: 'labels' must be {len(images)} integer class indices, "
+                             f"got shape {labels.shape} dtype {labels.dtype}")
+
+    def gen():
+        for i in range(0, len(images), batch_size):
+            chunk = np.asarray(images[i:i + batch_size])
+            n = len(chunk)
+            yield Batch(list(range(i, i + n)), list(chunk), [None] * n,
+                        labels[i:i + n].tolist() if labels is not None else None)
+
+    return Source("array", len(images), labels is not None, gen())
+
+
+def open_input(path: str | os.PathLike, classes: list[str], batch_size: int = DEFAULT_BATCH) -> Source:
+    path = Path(path)
+    if path.is_dir():
+        return _folder(path, classes, batch_size)
+    if not path.exists():
+        raise ScoreError(f"input {path} does not exist")
+    if path.suffix.lower() not in (".npy", ".npz"):
+        raise ScoreError(f"input {path}: expected a folder of images, a .npy or a .npz file")
+    return _arrays(path, batch_size)
+
+
+# ---------------------------------------------------------------- outputs
+
+class Writer:
+    """Rows to .csv / .jsonl / .parquet (by suffix), written batch by batch."""
+
+    def __init__(self, path: Path, columns: list[str]):
+        self.path, self.columns = path, columns
+        self.suffix = path.suffix.lower()
+        if self.suffix not in FORMATS:
+            raise ScoreError(f"--out {path}: the suffix must be one of {', '.join(FORMATS)}")
+        if self.suffix == ".parquet":
+            try:
+                import pyarrow  # noqa: F401
+                import pyarrow.parquet  # noqa: F401
+            except ImportError:
+                raise ScoreError("--out .parquet needs the pyarrow package (pip install pyarrow); "
+                                 "use .csv or .jsonl instead") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._pq = None
+        if self.suffix == ".parquet":
+            self._f = None
+        else:
+            self._f = open(path, "w", newline="" if self.suffix == ".csv" else None, encoding="utf-8")
+            if self.suffix == ".csv":
+                self._csv = csv.DictWriter(self._f, columns)
+                self._csv.writeheader()
+
+    def write(self, rows: list[dict]) -> None:
+        if self.suffix == ".csv":
+            self._csv.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+        elif self.suffix == ".jsonl":
+            self._f.write("".join(json.dumps(r) + "\n" for r in rows))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            types = {"path": pa.string(), "index": pa.int64(), "label": pa.string(), "class_index": pa.int64(),
+                     "confidence": pa.float64(), "true_label": pa.string(), "error": pa.string()}
+            schema = pa.schema([(c, types[c]) for c in self.columns])
+            table = pa.Table.from_pylist(rows, schema=schema)
+            if self._pq is None:
+                self._pq = pq.ParquetWriter(str(self.path), schema)
+            self._pq.write_table(table)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        if self._pq is not None:
+            self._pq.close()
+        elif self.suffix == ".parquet":  # no rows at all: still write an empty file with the schema
+            self.write([])
+            self._pq.close()
+
+
+# ---------------------------------------------------------------- drift windows
+
+class WindowDrift:
+    """Consecutive, non-overlapping windows of W outputs → :meth:`DriftReference.check` each."""
+
+    def __init__(self, ref):
+        self.ref, self.window = ref, ref.window
+        self._parts, self._n, self._start = [], 0, 0
+        self.results: list[dict] = []
+
+    def add(self, p_target, probabilities, features) -> None:
+        self._parts.append((p_target, probabilities, features))
+        self._n += len(p_target)
+        if self._n < self.window:
+            return
+        cols = [np.concatenate(c) for c in zip(*self._parts)]
+        full = self._n // self.window * self.window
+        for i in range(0, full, self.window):
+            result = self.ref.check(*(c[i:i + self.window] for c in cols))
+            self.results.append({"window": len(self.results), "start": self._start, "end": self._start + self.window,
+                                 "is_drift": bool(result["drift"]), "tests": drift_tests(result, self.ref)})
+            self._start += self.window
+        self._parts = [tuple(c[full:] for c in cols)]
+        self._n -= full
+
+    def report(self, model_tag: str, n_images: int) -> dict:
+        n = len(self.results)
+        alarmed = sum(r["is_drift"] for r in self.results)
+        per_test = {t: (sum(any(x["name"] == t and x["is_drift"] for x in r["tests"]) for r in self.results) / n
+                        if n else None) for t in TESTS}
+        return {"model": model_tag, "window_size": self.window, "alpha": self.ref.alpha,
+                "alpha_per_test": self.ref.alpha_per_test, "n_images": n_images, "n_windows": n,
+                "n_untested_tail": self._n, "n_windows_alarmed": alarmed,
+                "fraction_windows_alarmed": (alarmed / n) if n else None,
+                "fraction_windows_alarmed_per_test": per_test,
+                "note": None if n else f"fewer than {self.window} images were scored: no window was tested",
+                "windows": self.results}
+
+
+# ---------------------------------------------------------------- the job
+
+def _prepare(model, images: list) -> tuple[np.ndarray | None, list[str | None]]:
+    """Bring readable images to the input spec one by one; returns (stacked, per-item error or None)."""
+    spec = model.input_spec
+    shapes = {None if img is None else img.shape for img in images}
+    if len(shapes) == 1 and None not in shapes:  # the array case: one vectorised call, per item only on error
+        stack = np.stack(images)
+        try:
+            return to_input_spec(stack[..., None] if stack.ndim == 3 else stack, spec), [None] * len(images)
+        except ImageError:
+            pass
+    out, errors = [], []
+    for img in images:
+        if img is None:
+            errors.append(None)
+            continue
+        try:
+            out.append(to_input_spec(img, spec)[0])
+            errors.append(None)
+        except ImageError as e:
+            errors.append(str(e))
+    return (np.stack(out) if out else None), errors
+
+
+def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, progress: bool = True,
+          device: str = "cpu", threads: int = 0, model=None) -> dict:
+    """Score INPUT with MODEL into ``out`` and ``out.drift.json``; return a summary dict."""
+    from service.runtime import Model
+
+    if batch_size < 1:
+        raise ScoreError("--batch-size must be at least 1")
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise ScoreError(f"--out {out}: the suffix must be one of {', '.join(FORMATS)}")
+    t0 = time.perf_counter()
+    model = model or Model.open(model_source, device=device, threads=threads)
+    tag = model.tag or str(Path(model_source))
+    classes = model.classes
+    source = open_input(input_path, classes, batch_size)
+    id_col = "path" if source.kind == "folder" else "index"
+    columns = [id_col, "label", "class_index", "confidence"] + (["true_label"] if source.labelled else []) + ["error"]
+    writer = Writer(out, columns)
+    drift = WindowDrift(model.drift_reference)
+    n_ok = n_err = n_correct = n_labelled = 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=source.n, unit="img", desc="scoring", disable=not progress, file=sys.stderr)
+    try:
+        for batch in source.batches:
+            stacked, prep_errors = _prepare(model, batch.images)
+            pred = model.predict(stacked) if stacked is not None else None
+            rows, j = [], 0
+            for k, item in enumerate(batch.ids):
+                error = batch.errors[k] or prep_errors[k]
+                row = {id_col: item, "label": None, "class_index": None, "confidence": None}
+                if source.labelled:
+                    true = batch.labels[k]
+                    row["true_label"] = classes[true] if true is not None and 0 <= true < len(classes) else None
+                if error is None:
+                    ci = int(pred.predictions[j])
+                    row.update(label=classes[ci], class_index=ci, confidence=float(pred.probabilities[j, ci]))
+                    j += 1
+                    n_ok += 1
+                    if source.labelled and batch.labels[k] is not None:
+                        n_labelled += 1
+                        n_correct += ci == batch.labels[k]
+                else:
+                    n_err += 1
+                row["error"] = error
+                rows.append(row)
+            writer.write(rows)
+            if pred is not None:
+                drift.add(pred.p_target, pred.probabilities, pred.features)
+            bar.update(len(batch.ids))
+    finally:
+        bar.close()
+        writer.close()
+    report = drift.report(tag, n_ok)
+    drift_path = out.with_name(out.name + ".drift.json")
+    drift_path.write_text(json.dumps(report, indent=2))
+    return {"model": tag, "input": str(input_path), "out": str(out), "drift_report": str(drift_path),
+            "n_items": source.n, "n_scored": n_ok, "n_errors": n_err,
+            "accuracy": (n_correct / n_labelled) if n_labelled else None, "n_labelled": n_labelled,
+            "n_windows": report["n_windows"], "fraction_windows_alarmed": report["fraction_windows_alarmed"],
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,546 @@
+"""The adaptserve BentoML 1.4 service — ONNX Runtime, no torch anywhere on this path.
+
+    ADAPTSERVE_MODEL=adaptserve-dann:latest bentoml serve service.service:AdaptService
+
+Endpoints (all JSON out; errors are ``{"error": "<what is wrong>", "status": <code>}``, never a traceback):
+
+- ``POST /predict`` — body ``{"images": [...]}`` (``application/json``): an (N,H,W,C) nested list of uint8
+  (or floats in [0, 1]), or one (H,W,C) / (H,W) image; or the raw bytes of a ``.npy`` file
+  (``application/x-npy`` or ``application/octet-stream``), the fast binary path. Any size/channel count is
+  brought to the model's input spec by :func:`service.preprocess.to_input_spec`.
+  → ``{"labels", "class_indices", "probabilities", "model"}``.
+- ``POST /classify`` — ``multipart/form-data`` with one or more image files (PNG, JPEG, ... any field name)
+  → the same response plus ``filenames``.
+- ``GET /drift`` — the last completed drift check (:meth:`service.drift.DriftReference.check` on a window of
+  exactly W predicted images) and how full the current window is.
+- ``GET /model`` — the model's manifest (plus its tag and ONNX Runtime providers).
+- BentoML's own ``/livez``, ``/readyz``, ``/metrics`` (with the ``adaptserve_drift_*`` metrics) and
+  ``/docs.json`` (which lists the endpoints above).
+
+Body parsing and batching. The endpoints are a FastAPI router mounted on the service
+(``@bentoml.asgi_app``) whose handlers take the raw Starlette request: the body is read with a byte limit,
+parsed with orjson straight into numpy (no pydantic model of a nested list, which is most of the CPU of a
+typed ``np.ndarray`` endpoint) and validated here, so every problem is a 4xx naming it. FastAPI only
+contributes routing and the OpenAPI description (merged by BentoML into ``/docs.json``). There is no adaptive
+batching: each request's array is one ONNX Runtime call (a request is already a batch of up to
+``ADAPTSERVE_MAX_IMAGES`` images), run together with the parsing in a worker thread so the event loop never
+parses or computes.
+
+Drift. Each predicted image appends its discriminator score, softmax and features to a buffer; every full
+window of W images (W = the window the model's thresholds were calibrated for) is checked on a single
+background thread, off the request path. At most ``MAX_PENDING_WINDOWS`` windows wait for a check; windows
+beyond that are dropped and counted (``windows_skipped``), so a flood of traffic cannot queue unbounded work.
+State is per worker process (one worker by default).
+
+Environment: ``ADAPTSERVE_MODEL`` (store tag or exported folder; default ``adaptserve-dann:latest``),
+``ADAPTSERVE_DEVICE`` (auto/cpu/cuda), ``ADAPTSERVE_THREADS`` (ORT intra-op threads, 0 = ORT's choice),
+``ADAPTSERVE_MAX_IMAGES`` (default 1024 per request), ``ADAPTSERVE_MAX_BYTES`` (default 64 MiB per body),
+``ADAPTSERVE_DRIFT_WINDOW`` (must equal the model's W if set: the thresholds are calibrated for that W, so
+another value is refused at start-up rather than silently mis-calibrated), ``ADAPTSERVE_API_KEY`` (when
+set, every route except the health, metrics and docs routes needs ``Authorization: Bearer <key>``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import io
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+
+import bentoml  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402
+from starlette.responses import Response  # noqa: E402
+
+from service.preprocess import ImageError, decode_image, to_input_spec  # noqa: E402
+from service.runtime import Model  # noqa: E402
+
+log = logging.getLogger("adaptserve.service")
+
+DEFAULT_MODEL = "adaptserve-dann:latest"
+MODEL_SOURCE = os.environ.get("ADAPTSERVE_MODEL", DEFAULT_MODEL)
+MODEL_IS_FOLDER = Path(MODEL_SOURCE).is_dir()
+DEFAULT_MAX_IMAGES = 1024
+DEFAULT_MAX_BYTES = 64 << 20
+MAX_PENDING_WINDOWS = 4
+NPY_TYPES = ("application/x-npy", "application/npy", "application/octet-stream")
+# Routes that stay open when ADAPTSERVE_API_KEY is set (health, metrics, API description, BentoML's UI).
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/")
+OPEN_PREFIXES = ("/static_content/", "/assets/")
+
+
+class HTTPError(Exception):
+    """A client error: answered as ``{"error": message, "status": status}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"${name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ValueError(f"${name} must be at least {minimum}, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- JSON out
+
+try:
+    import orjson
+
+    def dumps(obj) -> bytes:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def loads(data: bytes):
+        return orjson.loads(data)
+
+    JSONDecodeError = orjson.JSONDecodeError
+except ImportError:  # pragma: no cover - orjson is a dependency; the stdlib is the fallback
+    def dumps(obj) -> bytes:
+        return json.dumps(obj, default=lambda o: o.tolist()).encode()
+
+    def loads(data: bytes):
+        return json.loads(data)
+
+    JSONDecodeError = json.JSONDecodeError
+
+
+def json_response(obj, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(status: int, message: str) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return json_response({"error": message, "status": status}, status, headers)
+
+
+# ---------------------------------------------------------------- request bodies (pure, unit-testable)
+
+def parse_images(body: bytes, content_type: str, max_images: int) -> np.ndarray:
+    """A /predict body → an array of rank 4 (N,H,W,C) (rank 2/3 inputs are one image); HTTPError if bad."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if not body:
+        raise HTTPError(400, "empty request body: send {\"images\": [...]} as JSON or a .npy file")
+    if ctype in NPY_TYPES:
+        try:
+            a = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception as e:  # ValueError / OSError / EOFError / UnpicklingError on a bad file
+            raise HTTPError(400, f"body is not a readable .npy array ({e.__class__.__name__}: {e})") from None
+        if not isinstance(a, np.ndarray):
+            raise HTTPError(400, "body must be a single .npy array, not an .npz archive")
+    elif ctype in ("application/json", "") or ctype.endswith("+json"):
+        try:
+            obj = loads(body)
+        except (JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+            raise HTTPError(400, f"body is not valid JSON: {e}") from None
+        if not isinstance(obj, dict) or "images" not in obj:
+            raise HTTPError(400, 'body must be a JSON object {"images": [...]}')
+        images = obj["images"]
+        if not isinstance(images, list):
+            raise HTTPError(400, f'"images" must be a nested list (N,H,W,C) or (H,W,C), got {type(images).__name__}')
+        if not images:
+            raise HTTPError(400, "no images: the batch is empty")
+        try:
+            a = np.asarray(images)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise HTTPError(400, f'"images" must be a rectangular nested list (all images of the same H×W×C): {e}') from None
+    else:
+        raise HTTPError(415, f"unsupported Content-Type {ctype!r}: use application/json or application/x-npy")
+    if a.dtype == object or a.dtype.kind in "USV":
+        raise HTTPError(400, f"images must hold numbers (uint8 0-255 or floats in [0, 1]), got dtype {a.dtype}")
+    if a.dtype == bool:
+        raise HTTPError(400, "images must hold numbers (uint8 0-255 or floats in [0, 1]), got booleans")
+    if a.ndim in (2, 3):  # one (H,W) or (H,W,C) image
+        a = a[None] if a.ndim == 3 else a[None, ..., None]
+    if a.ndim != 4:
+        raise HTTPError(400, f"images must be (N,H,W,C), or (H,W,C) / (H,W) for one image; got shape {a.shape}")
+    if a.shape[0] == 0 or a.size == 0:
+        raise HTTPError(400, f"no images: the batch is empty (shape {a.shape})")
+    if a.shape[0] > max_images:
+        raise HTTPError(413, f"{a.shape[0]} images in one request; the limit is {max_images} (ADAPTSERVE_MAX_IMAGES)")
+    return a
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refusing (413) more than ``max_bytes`` — by Content-Length, or while streaming."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise HTTPError(400, f"invalid Content-Length {declared!r}") from None
+        if n > max_bytes:
+            raise HTTPError(413, f"request body of {n} bytes; the limit is {max_bytes} (ADAPTSERVE_MAX_BYTES)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HTTPError(413, f"request body over {max_bytes} bytes (ADAPTSERVE_MAX_BYTES)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_uploads(headers, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of every file part of a multipart/form-data body; HTTPError if bad."""
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    ctype = headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "multipart/form-data":
+        raise HTTPError(415, f"unsupported Content-Type {ctype.split(';')[0]!r}: upload image files as multipart/form-data")
+    if not body:
+        raise HTTPError(400, "empty request body: upload one or more image files")
+
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=max_images, max_fields=100).parse()
+    except MultiPartException as e:
+        if "Too many files" in e.message:
+            raise HTTPError(413, f"more than {max_images} files in one request (ADAPTSERVE_MAX_IMAGES)") from None
+        raise HTTPError(400, f"malformed multipart body: {e.message}") from None
+    except Exception as e:  # python-multipart raises its own errors on broken framing
+        raise HTTPError(400, f"malformed multipart body: {e}") from None
+    files = []
+    try:
+        for _, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.append((value.filename or f"file{len(files)}", await value.read()))
+    finally:
+        await form.close()
+    if not files:
+        raise HTTPError(400, "no image files in the upload: send one or more file fields (multipart/form-data)")
+    return files
+
+
+def decode_uploads(files: list[tuple[str, bytes]], spec) -> np.ndarray:
+    """Decode uploaded files and bring each to the input spec; HTTPError naming the first bad file."""
+    out = []
+    for name, data in files:
+        if not data:
+            raise HTTPError(400, f"file {name!r} is empty")
+        try:
+            out.append(to_input_spec(decode_image(data), spec)[0])
+        except ImageError as e:
+            raise HTTPError(400, f"file {name!r}: {e}") from None
+    return np.stack(out)
+
+
+def format_drift(result: dict, ref) -> list[dict]:
+    """One entry per test of a :meth:`DriftReference.check` result, with its threshold."""
+    from service.score import drift_tests
+
+    return drift_tests(result, ref)
+
+
+# ---------------------------------------------------------------- metrics (prometheus_client)
+
+_METRICS: dict | None = None
+_METRICS_LOCK = threading.Lock()
+
+
+def metrics() -> dict:
+    """The adaptserve_drift_* metrics, created once per process (BentoML sets PROMETHEUS_MULTIPROC_DIR for
+    its workers, so they appear on BentoML's /metrics)."""
+    global _METRICS
+    with _METRICS_LOCK:
+        if _METRICS is None:
+            from prometheus_client import Counter, Gauge, Histogram
+
+            _METRICS = {
+                "p_value": Gauge("adaptserve_drift_p_value", "p-value of the last drift check, per test",
+                                 ["test"], multiprocess_mode="mostrecent"),
+                "is_drift": Gauge("adaptserve_drift_is_drift", "1 if the last checked window alarmed, else 0",
+                                  multiprocess_mode="mostrecent"),
+                "checks": Counter("adaptserve_drift_checks_total", "drift checks run (windows of W images)"),
+                "alarms": Counter("adaptserve_drift_alarms_total", "drift checks that alarmed"),
+                "skipped": Counter("adaptserve_drift_windows_skipped_total",
+                                   "full windows dropped because too many checks were pending"),
+                "fill": Gauge("adaptserve_drift_window_fill", "images in the current, not yet full window",
+                              multiprocess_mode="mostrecent"),
+                "seconds": Histogram("adaptserve_drift_check_seconds", "time of one drift check",
+                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
+            }
+    return _METRICS
+
+
+# ---------------------------------------------------------------- drift monitor
+
+class DriftMonitor:
+    """Buffers model outputs and checks every full window of W images on one background thread."""
+
+    def __init__(self, reference, model_tag: str, max_pending: int = MAX_PENDING_WINDOWS):
+        self.ref, self.model_tag, self.window = reference, model_tag, reference.window
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._n = 0
+        self._pending = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="adaptserve-drift")
+        self.windows_checked = self.windows_skipped = self.alarms = 0
+        self.last: dict | None = None
+        self.last_checked_at: float | None = None
+        self.errors = 0
+        self.m = metrics()
+        self.m["fill"].set(0)
+        self._executor.submit(self._warm)
+
+    def _warm(self) -> None:
+        try:  # the reference's own MMD term (n×n kernel) is computed once, here, not on the first window
+            self.ref.mmd2(self.ref.pca_mean[None].repeat(2, 0))
+        except Exception:  # pragma: no cover
+            log.exception("drift reference warm-up failed")
+
+    def add(self, p_target: np.ndarray, probabilities: np.ndarray, features: np.ndarray) -> None:
+        windows = []
+        with self._lock:
+            self._parts.append((np.asarray(p_target, np.float32), np.asarray(probabilities, np.float32),
+                                np.asarray(features, np.float32)))
+            self._n += len(p_target)
+            if self._n >= self.window:
+                cols = [np.concatenate(c) for c in zip(*self._parts)]
+                full = self._n // self.window * self.window
+                windows = [tuple(c[i:i + self.window] for c in cols) for i in range(0, full, self.window)]
+                rest = tuple(c[full:] for c in cols)
+                self._parts, self._n = ([rest] if len(rest[0]) else []), self._n - full
+            submit = []
+            for w in windows:
+                if self._pending >= self.max_pending:
+                    self.windows_skipped += 1
+                    self.m["skipped"].inc()
+                else:
+                    self._pending += 1
+                    submit.append(w)
+            self.m["fill"].set(self._n)
+        for w in submit:
+            self._executor.submit(self._check, w)
+
+    def _check(self, window) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = self.ref.check(*window)
+        except Exception:  # a bug, not the client's: log it, keep serving
+            log.exception("drift check failed")
+            with self._lock:
+                self.errors += 1
+                self._pending -= 1
+            return
+        seconds = time.perf_counter() - t0
+        tests = format_drift(result, self.ref)
+        with self._lock:
+            self._pending -= 1
+            self.windows_checked += 1
+            self.alarms += bool(result["drift"])
+            self.last = {"tests": tests, "is_drift": bool(result["drift"]), "check_seconds": seconds}
+            self.last_checked_at = time.time()
+        self.m["checks"].inc()
+        if result["drift"]:
+            self.m["alarms"].inc()
+        self.m["is_drift"].set(1 if result["drift"] else 0)
+        for t in tests:
+            self.m["p_value"].labels(test=t["name"]).set(t["p_value"])
+        self.m["seconds"].observe(seconds)
+
+    def status(self) -> dict:
+        with self._lock:
+            last = self.last
+            out = {"status": "warming_up" if last is None else ("drift" if last["is_drift"] else "ok"),
+                   "model": self.model_tag, "window_size": self.window, "n_in_window": self._n,
+                   "alpha": self.ref.alpha, "tests": last["tests"] if last else [],
+                   "is_drift": bool(last and last["is_drift"]), "windows_checked": self.windows_checked,
+                   "windows_pending": self._pending, "windows_skipped": self.windows_skipped,
+                   "alarms": self.alarms, "last_checked_at": self.last_checked_at}
+        return out
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until no check is pending (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._pending == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- API key
+
+class ApiKeyMiddleware:
+    """When ``ADAPTSERVE_API_KEY`` is set, require ``Authorization: Bearer <key>`` on every route but the
+    open ones (health, metrics, API docs); answer 401 otherwise. Pure ASGI, so the body is not touched."""
+
+    def __init__(self, app, key: str | None = None):
+        self.app = app
+        self.key = (key if key is not None else os.environ.get("ADAPTSERVE_API_KEY", "")).encode()
+
+    @staticmethod
+    def is_open(path: str) -> bool:
+        return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+    async def __call__(self, scope, receive, send):
+        if not self.key or scope["type"] != "http" or self.is_open(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+            return await self.app(scope, receive, send)
+        message = "missing API key: send Authorization: Bearer <key>" if not auth else "invalid API key"
+        await error_response(401, message)(scope, receive, send)
+
+
+# ---------------------------------------------------------------- the service
+
+def guarded(handler):
+    """HTTPError → its 4xx; anything unexpected → a logged 500 with no traceback in the response."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, request: Request):
+        try:
+            return await handler(self, request)
+        except HTTPError as e:
+            return error_response(e.status, e.message)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return error_response(500, "internal error (logged on the server)")
+
+    return wrapper
+
+
+_IMAGES_SCHEMA = {"type": "array", "description": "(N,H,W,C) uint8 0-255 (or floats in [0,1]); (H,W,C) for one image",
+                  "items": {"type": "array", "items": {"type": "array", "items": {}}}}
+_PREDICTION_SCHEMA = {
+    "type": "object", "required": ["labels", "class_indices", "probabilities", "model"],
+    "properties": {"labels": {"type": "array", "items": {"type": "string"}},
+                   "class_indices": {"type": "array", "items": {"type": "integer"}},
+                   "probabilities": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                   "model": {"type": "string"}}}
+_ERROR = {"description": "what is wrong with the request",
+          "content": {"application/json": {"schema": {"type": "object", "properties": {
+              "error": {"type": "string"}, "status": {"type": "integer"}}}}}}
+_ERRORS = {400: _ERROR, 401: _ERROR, 413: _ERROR, 415: _ERROR}
+
+
+def _ok(schema: dict) -> dict:
+    return {200: {"description": "OK", "content": {"application/json": {"schema": schema}}}}
+
+
+api = FastAPI(title="adaptserve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@bentoml.service(name="adaptserve", traffic={"timeout": 120})
+@bentoml.asgi_app(api, path="/")
+class AdaptService:
+    """DANN-adapted classifier (ONNX Runtime) with drift monitoring."""
+
+    if not MODEL_IS_FOLDER:
+        bento_model = bentoml.models.BentoModel(MODEL_SOURCE)  # `bentoml build` bundles it
+
+    def __init__(self) -> None:
+        t0 = time.perf_counter()
+        self.max_images = _env_int("ADAPTSERVE_MAX_IMAGES", DEFAULT_MAX_IMAGES)
+        self.max_bytes = _env_int("ADAPTSERVE_MAX_BYTES", DEFAULT_MAX_BYTES)
+        device = os.environ.get("ADAPTSERVE_DEVICE", "auto")
+        threads = _env_int("ADAPTSERVE_THREADS", 0, minimum=0)
+        if MODEL_IS_FOLDER:
+            self.model = Model.open(MODEL_SOURCE, device=device, threads=threads)
+            self.tag = str(Path(MODEL_SOURCE).resolve())
+        else:
+            stored = self.bento_model
+            self.model = Model.open(stored.path, device=device, threads=threads)
+            self.tag = str(stored.tag)
+        ref = self.model.drift_reference
+        window = _env_int("ADAPTSERVE_DRIFT_WINDOW", ref.window)
+        if window != ref.window:
+            raise ValueError(f"ADAPTSERVE_DRIFT_WINDOW={window}, but the drift thresholds of {self.tag} are calibrated "
+                             f"for windows of {ref.window} images; re-export with another window instead")
+        self.monitor = DriftMonitor(ref, self.tag)
+        log.info("adaptserve: model %s (%s) on %s, drift window %d, opened in %.2f s", self.tag,
+                 self.model.input_spec, self.model.providers, ref.window, time.perf_counter() - t0)
+
+    # -- shared
+
+    def _run(self, images: np.ndarray) -> dict:
+        try:
+            pred = self.model.predict(images)
+        except ImageError as e:
+            raise HTTPError(400, str(e)) from None
+        self.monitor.add(pred.p_target, pred.probabilities, pred.features)
+        return {"labels": pred.labels, "class_indices": pred.predictions, "probabilities": pred.probabilities,
+                "model": self.tag}
+
+    def _predict_body(self, body: bytes, content_type: str) -> bytes:
+        return dumps(self._run(parse_images(body, content_type, self.max_images)))
+
+    def _classify_files(self, files: list[tuple[str, bytes]]) -> bytes:
+        out = self._run(decode_uploads(files, self.model.input_spec))
+        out["filenames"] = [name for name, _ in files]
+        return dumps(out)
+
+    # -- endpoints
+
+    @api.post("/predict", summary="classify images sent as JSON or .npy", responses={**_ok(_PREDICTION_SCHEMA), **_ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"type": "object", "required": ["images"],
+                                                  "properties": {"images": _IMAGES_SCHEMA}}},
+                  "application/x-npy": {"schema": {"type": "string", "format": "binary"}}}}})
+    @guarded
+    async def predict(self, request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        body = await read_body(request, self.max_bytes)
+        data = await run_in_threadpool(self._predict_body, body, request.headers.get("content-type", ""))
+        return Response(data, media_type="application/json")
+
+    @api.post("/classify", summary="classify uploaded image files (PNG, JPEG, ...)",
+              responses={**_ok({**_PREDICTION_SCHEMA, "properties": {**_PREDICTION_SCHEMA["properties"],
+                                                                     "filenames": {"type": "array", "items": {"type": "string"}}}}),
+                         **_ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                  "type": "object", "properties": {"files": {"type": "array",
+                                                             "items": {"type": "string", "format": "binary"}}}}}}}})
+    @guarded
+    async def classify(self, request: Request):
+        from starlette.concurrency import run_in_threadpool
+
+        body = await read_body(request, self.max_bytes)
+        files = await parse_uploads(request.headers, body, self.max_images)
+        data = await run_in_threadpool(self._classify_files, files)
+        return Response(data, media_type="application/json")
+
+    @api.get("/drift", summary="result of the last drift check and the current window's fill",
+             responses={**_ok({"type": "object", "properties": {
+                 "status": {"type": "string", "enum": ["warming_up", "ok", "drift"]}, "model": {"type": "string"},
+                 "window_size": {"type": "integer"}, "n_in_window": {"type": "integer"}, "alpha": {"type": "number"},
+                 "tests": {"type": "array", "items": {"type": "object"}}, "is_drift": {"type": "boolean"}}}),
+                 401: _ERROR})
+    @guarded
+    async def drift(self, request: Request):
+        return json_response(self.monitor.status())
+
+    @api.get("/model", summary="the model's manifest", responses={**_ok({"type": "object"}), 401: _ERROR})
+    @guarded
+    async def model_info(self, request: Request):
+        return json_response({**self.model.manifest, "tag": self.tag, "providers": self.model.providers})
+
+
+AdaptService.add_asgi_middleware(ApiKeyMiddleware)

@@ -1,0 +1,161 @@
+"""`adaptserve score`: folders (with a corrupt file), .npy and .npz inputs, output formats, drift report.
+
+Uses the tiny model of tests/test_service.py (trained and exported once per session).
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import adaptserve
+from test_service import tiny_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from service.runtime import Model
+
+    tiny = tiny_model(tmp_path_factory)
+    return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def target(model):
+    from service.preprocess import to_input_spec
+    from train.data import demo_domain
+
+    images, labels = demo_domain("target", "test")
+    return to_input_spec(images[:450], model["runtime"].input_spec), labels[:450]
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = adaptserve.main(["score", *map(str, args), "--no-progress"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_labelled_folder_with_a_corrupt_file(model, target, tmp_path, capsys):
+    images, labels = target
+    root = tmp_path / "imgs"
+    paths = []
+    for i in range(12):
+        d = root / str(labels[i])
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{i:03d}.png"
+        Image.fromarray(images[i]).save(p)
+        paths.append(p)
+    (root / str(labels[0]) / "broken.png").write_bytes(b"this is not a png")
+    out = tmp_path / "scores.csv"
+    code, stdout, stderr = run_cli(capsys, model["tag"], root, "--out", out, "--batch-size", "5")
+    assert code == 0, stderr
+    assert "1 of 13 items could not be read" in stderr and "accuracy" in stdout
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 13 and list(rows[0]) == ["path", "label", "class_index", "confidence", "true_label", "error"]
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.png") and "not a readable image" in bad[0]["error"]
+    assert bad[0]["label"] == "" and bad[0]["true_label"] == str(labels[0])
+    good = {r["path"]: r for r in rows if not r["error"]}
+    pred = model["runtime"].predict(images[:12])
+    for i, p in enumerate(paths):
+        r = good[str(p)]
+        assert int(r["class_index"]) == pred.predictions[i] and r["label"] == pred.labels[i]
+        assert float(r["confidence"]) == pytest.approx(float(pred.probabilities[i].max()), abs=1e-6)
+        assert r["true_label"] == str(labels[i])
+    acc = np.mean(pred.predictions == labels[:12])
+    assert f"accuracy {acc:.2%} on 12 labelled" in stdout
+    report = json.loads((tmp_path / "scores.csv.drift.json").read_text())
+    assert report["n_windows"] == 0 and report["n_images"] == 12 and "fewer than 200" in report["note"]
+
+
+def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, target, tmp_path, capsys):
+    images, labels = target
+    npz = tmp_path / "t.npz"
+    np.savez(npz, images=images, labels=labels)
+    out = tmp_path / "sub" / "scores.jsonl"
+    code, stdout, stderr = run_cli(capsys, model["folder"], npz, "--out", out, "--batch-size", "128")
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pred = model["runtime"].predict(images)
+    assert [r["index"] for r in rows] == list(range(450))
+    assert [r["class_index"] for r in rows] == pred.predictions.tolist()
+    assert [r["label"] for r in rows] == pred.labels and all(r["error"] is None for r in rows)
+    np.testing.assert_allclose([r["confidence"] for r in rows], pred.probabilities.max(1), atol=1e-6)
+    assert f"accuracy {np.mean(pred.predictions == labels):.2%} on 450 labelled" in stdout
+
+    report = json.loads((tmp_path / "sub" / "scores.jsonl.drift.json").read_text())
+    assert report["window_size"] == 200 and report["n_windows"] == 2 and report["n_untested_tail"] == 50
+    assert [(w["start"], w["end"]) for w in report["windows"]] == [(0, 200), (200, 400)]
+    ref = model["runtime"].drift_reference
+    expected = [ref.check(pred.p_target[s:s + 200], pred.probabilities[s:s + 200], pred.features[s:s + 200])
+                for s in (0, 200)]
+    for w, e in zip(report["windows"], expected):
+        assert w["is_drift"] == e["drift"]
+        assert [t["name"] for t in w["tests"]] == ["ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"]
+        for t in w["tests"]:
+            assert t["p_value"] == pytest.approx(e[t["name"]]["p_value"]) and t["is_drift"] == e[t["name"]]["alarm"]
+    assert report["fraction_windows_alarmed"] == sum(e["drift"] for e in expected) / 2
+    assert set(report["fraction_windows_alarmed_per_test"]) == {"ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"}
+
+
+def test_npy_grey_images_and_inverted_images_alarm(model, target, tmp_path, capsys):
+    images, _ = target
+    npy = tmp_path / "inv.npy"
+    np.save(npy, 255 - images[:400])
+    out = tmp_path / "inv.csv"
+    code, stdout, stderr = run_cli(capsys, model["folder"], npy, "--out", out)
+    assert code == 0, stderr
+    assert "accuracy" not in stdout and "2 drift windows, 100% alarmed" in stdout
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 400 and list(rows[0]) == ["index", "label", "class_index", "confidence", "error"]
+    report = json.loads((tmp_path / "inv.csv.drift.json").read_text())
+    assert report["n_windows"] == 2 and report["fraction_windows_alarmed"] == 1.0
+
+    grey = tmp_path / "grey.npy"
+    np.save(grey, np.zeros((3, 28, 28), np.uint8))  # (N,H,W) grey, other size → input spec
+    code, _, stderr = run_cli(capsys, model["folder"], grey, "--out", tmp_path / "g.jsonl")
+    assert code == 0, stderr
+    rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [r["class_index"] for r in rows] == model["runtime"].predict(np.zeros((3, 28, 28, 1), np.uint8)).predictions.tolist()
+
+
+def test_bad_items_in_an_array_are_reported_not_fatal(model, tmp_path, capsys):
+    a = np.zeros((4, 32, 32, 3), np.float32)
+    a[2] = 7.0  # out of [0, 1]
+    np.save(tmp_path / "f.npy", a)
+    code, _, stderr = run_cli(capsys, model["folder"], tmp_path / "f.npy", "--out", tmp_path / "f.jsonl")
+    assert code == 0 and "1 of 4 items could not be read" in stderr
+    rows = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    assert [r["error"] is not None for r in rows] == [False, False, True, False] and "[0, 1]" in rows[2]["error"]
+
+
+def test_output_formats_and_errors(model, target, tmp_path, capsys):
+    images, labels = target
+    np.savez(tmp_path / "t.npz", images=images[:20], labels=labels[:20])
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    code, _, stderr = run_cli(capsys, model["folder"], tmp_path / "t.npz", "--out", tmp_path / "s.parquet")
+    if pq is None:
+        assert code == 2 and "pyarrow" in stderr and not (tmp_path / "s.parquet").exists()
+    else:
+        assert code == 0, stderr
+        t = pq.read_table(tmp_path / "s.parquet").to_pylist()
+        assert [r["class_index"] for r in t] == model["runtime"].predict(images[:20]).predictions.tolist()
+
+    for args, message in [([tmp_path / "t.npz", "--out", tmp_path / "s.txt"], "suffix"),
+                          ([tmp_path / "missing.npz", "--out", tmp_path / "s.csv"], "does not exist"),
+                          ([tmp_path / "t.npz", "--out", tmp_path / "s.csv", "--batch-size", "0"], "at least 1")]:
+        code, _, stderr = run_cli(capsys, model["folder"], *args)
+        assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
+    (tmp_path / "broken.npz").write_bytes(b"PK not a zip")
+    code, _, stderr = run_cli(capsys, model["folder"], tmp_path / "broken.npz", "--out", tmp_path / "s.csv")
+    assert code == 2 and "not a readable .npz" in stderr
+    code, _, stderr = run_cli(capsys, "no-such-model:latest", tmp_path / "t.npz", "--out", tmp_path / "s.csv")
+    assert code == 2 and "no model" in stderr

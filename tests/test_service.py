@@ -1,0 +1,378 @@
+"""The BentoML service end to end: a tiny real model in the test store, `bentoml serve` subprocesses, HTTP.
+
+One model is trained (40 steps) and exported once per session (``tiny_model``, shared with
+tests/test_score.py); two servers start side by side — one open, one with an API key — and are always
+killed at teardown. Test order matters for the drift test, which runs first against a fresh server.
+"""
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "s3cret-test-key"
+MAX_IMAGES, MAX_BYTES = 512, 4 << 20
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+_TINY: dict = {}
+
+
+def tiny_model(tmp_path_factory) -> dict:
+    """Train (40 steps) and export one model into the session's BENTOML_HOME and a folder; cached."""
+    if not _TINY:
+        from export import bundle
+        from train.config import TrainConfig
+        from train.loop import run
+
+        base = tmp_path_factory.mktemp("tiny-model")
+        run(TrainConfig(steps=40, batch_size=32, eval_every=20, threads=1, tsne=False), base / "run", progress=False)
+        tag, manifest = bundle.export(base / "run", name="test-serve", out=base / "model", n_bootstrap=200)
+        _TINY.update(tag=tag, folder=base / "model", manifest=manifest, base=base)
+    return _TINY
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, tag: str, log: Path, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {**os.environ, "ADAPTSERVE_MODEL": tag, "PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True",
+                    **{k: str(v) for k, v in env.items()}}
+        self.t0 = time.perf_counter()
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:AdaptService",
+                                      "--host", "127.0.0.1", "--port", str(self.port)],
+                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.ready_s = None
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    self.ready_s = time.perf_counter() - self.t0
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this test started (start_new_session)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from service.runtime import Model
+
+    tiny = tiny_model(tmp_path_factory)
+    return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("serve-logs")
+    limits = {"ADAPTSERVE_MAX_IMAGES": MAX_IMAGES, "ADAPTSERVE_MAX_BYTES": MAX_BYTES, "ADAPTSERVE_THREADS": 1}
+    started = []
+    try:
+        started.append(Server(model["tag"], logs / "open.log", **limits))
+        started.append(Server(model["tag"], logs / "keyed.log", ADAPTSERVE_API_KEY=KEY, **limits))
+        for s in started:
+            s.wait_ready()
+        print(f"\ncold start to /readyz: {', '.join(f'{s.ready_s:.2f} s' for s in started)} (two servers at once)")
+        with httpx.Client(base_url=started[0].url, timeout=60) as open_client, \
+                httpx.Client(base_url=started[1].url, timeout=60) as keyed_client:
+            yield {"open": open_client, "keyed": keyed_client, "servers": started}
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def images(model):
+    """Demo-target test images, the run's held-out target images, and demo-source images, in the input spec."""
+    from service.preprocess import to_input_spec
+    from train.data import demo_domain, holdout_split, load
+
+    spec = model["runtime"].input_spec
+    target = to_input_spec(demo_domain("target", "test")[0][:300], spec)
+    pool = load("demo-target", spec).images
+    _, held = holdout_split(len(pool), model["manifest"]["training_config"]["target_holdout"])
+    source = to_input_spec(demo_domain("source", "test")[0][:200], spec)
+    return {"target": target, "held_out": pool[held], "source": source}
+
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def post_npy(client, a, path="/predict", **kw):
+    return client.post(path, content=npy(a), headers={"content-type": "application/x-npy", **kw.pop("headers", {})}, **kw)
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wait_drift(client, checked: int, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = client.get("/drift").json()
+        if d["windows_checked"] >= checked and d["windows_pending"] == 0:
+            return d
+        time.sleep(0.05)
+    raise AssertionError(f"drift checks did not reach {checked}: {d}")
+
+
+def metric_values(text: str) -> dict:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("adaptserve_"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- drift first (fresh server state)
+
+def test_drift_warms_up_then_ok_on_target_then_drift_on_shifted_images(servers, images, model):
+    c = servers["open"]
+    w = model["runtime"].drift_reference.window
+    d = c.get("/drift").json()
+    assert d["status"] == "warming_up" and d["n_in_window"] == 0 and d["window_size"] == w == 200
+    assert d["tests"] == [] and d["is_drift"] is False and d["alpha"] == 0.01 and d["model"] == model["tag"]
+
+    held = images["held_out"]
+    assert post_npy(c, held[:w - 1]).status_code == 200
+    d = c.get("/drift").json()
+    assert d["status"] == "warming_up" and d["n_in_window"] == w - 1 and d["windows_checked"] == 0
+
+    assert c.post("/predict", json={"images": held[w - 1:2 * w].tolist()}).status_code == 200  # completes 2 windows
+    d = wait_drift(c, 2)
+    assert d["status"] == "ok" and d["is_drift"] is False and d["n_in_window"] == 0, d
+    assert [t["name"] for t in d["tests"]] == ["ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"]
+    for t in d["tests"]:
+        assert set(t) >= {"name", "statistic", "p_value", "threshold", "is_drift"} and 0 < t["p_value"] <= 1
+        assert t["is_drift"] is False
+
+    assert post_npy(c, images["source"][:w]).status_code == 200  # the other domain
+    d = wait_drift(c, 3)
+    assert d["status"] == "drift" and d["is_drift"] is True and any(t["is_drift"] for t in d["tests"]), d
+
+    assert post_npy(c, 255 - images["target"][:w]).status_code == 200  # inverted target images
+    d = wait_drift(c, 4)
+    assert d["status"] == "drift" and d["alarms"] == 2 and d["windows_skipped"] == 0
+
+    m = metric_values(c.get("/metrics").text)
+    assert m["adaptserve_drift_checks_total"] == 4 and m["adaptserve_drift_alarms_total"] == 2
+    assert m["adaptserve_drift_is_drift"] == 1 and m["adaptserve_drift_window_fill"] == 0
+    assert m["adaptserve_drift_check_seconds_count"] == 4
+    p = {t["name"]: t["p_value"] for t in d["tests"]}
+    for name, value in p.items():
+        assert m[f'adaptserve_drift_p_value{{test="{name}"}}'] == pytest.approx(value, rel=1e-6, abs=1e-12)
+
+
+# ---------------------------------------------------------------- predictions
+
+def test_predict_json_and_npy_equal_the_runtime(servers, images, model):
+    c, rt = servers["open"], model["runtime"]
+    x = images["target"][:64]
+    expected = rt.predict(x)
+    for r in (c.post("/predict", json={"images": x.tolist()}), post_npy(c, x)):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == {"labels", "class_indices", "probabilities", "model"} and body["model"] == model["tag"]
+        assert body["class_indices"] == expected.predictions.tolist() and body["labels"] == expected.labels
+        np.testing.assert_allclose(np.array(body["probabilities"]), expected.probabilities, rtol=0, atol=1e-6)
+    one = c.post("/predict", json={"images": x[0].tolist()}).json()  # one (H,W,C) image
+    assert one["class_indices"] == expected.predictions[:1].tolist()
+    grey = rt.predict(np.zeros((2, 28, 28, 1), np.uint8))  # other size / channels → input spec
+    r = c.post("/predict", json={"images": np.zeros((2, 28, 28, 1), np.uint8).tolist()}).json()
+    np.testing.assert_allclose(r["probabilities"], grey.probabilities, atol=1e-6)
+
+
+def test_classify_png_uploads(servers, images, model):
+    c, rt = servers["open"], model["runtime"]
+    x = images["target"][:3]
+    grey = np.full((28, 28, 1), 40, np.uint8)
+    files = [("files", (f"img{i}.png", png(a), "image/png")) for i, a in enumerate(x)]
+    files.append(("files", ("grey.png", png(grey), "image/png")))
+    r = c.post("/classify", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = rt.predict(np.concatenate([x, rt.prepare(grey)]))
+    assert body["filenames"] == ["img0.png", "img1.png", "img2.png", "grey.png"]
+    assert body["class_indices"] == expected.predictions.tolist() and body["model"] == model["tag"]
+    np.testing.assert_allclose(body["probabilities"], expected.probabilities, atol=1e-6)
+
+
+def test_model_and_docs(servers, model):
+    c = servers["open"]
+    m = c.get("/model").json()
+    assert m["tag"] == model["tag"] and m["providers"] == ["CPUExecutionProvider"]
+    assert {k: v for k, v in m.items() if k not in ("tag", "providers")} == model["runtime"].manifest
+    paths = c.get("/docs.json").json()["paths"]
+    assert {"/predict", "/classify", "/drift", "/model", "/livez", "/readyz", "/metrics"} <= set(paths)
+    assert "post" in paths["/predict"] and "application/x-npy" in paths["/predict"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in paths["/classify"]["post"]["requestBody"]["content"]
+    assert "get" in paths["/drift"] and "get" in paths["/model"]
+
+
+# ---------------------------------------------------------------- bad input → 4xx naming the problem
+
+def _json(c, body, ctype="application/json"):
+    return c.post("/predict", content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                  headers={"content-type": ctype})
+
+
+def _multipart(c, files, data=None):
+    return c.post("/classify", files=files, data=data)
+
+
+BAD = [
+    ("not JSON", lambda c: _json(c, b"{not json"), 400, "not valid JSON"),
+    ("empty body", lambda c: _json(c, b""), 400, "empty request body"),
+    ("not an object", lambda c: _json(c, [1, 2]), 400, '{"images"'),
+    ("no images key", lambda c: _json(c, {"image": []}), 400, '{"images"'),
+    ("images not a list", lambda c: _json(c, {"images": "abc"}), 400, "nested list"),
+    ("empty batch", lambda c: _json(c, {"images": []}), 400, "empty"),
+    ("empty images", lambda c: _json(c, {"images": [[]]}), 400, "empty"),
+    ("ragged", lambda c: _json(c, {"images": [[[0, 0, 0]], [[0, 0]]]}), 400, "rectangular"),
+    ("rank 5", lambda c: _json(c, {"images": np.zeros((1, 2, 8, 8, 3), int).tolist()}), 400, "(N,H,W,C)"),
+    ("rank 1", lambda c: _json(c, {"images": [1, 2, 3]}), 400, "(N,H,W,C)"),
+    ("strings", lambda c: _json(c, {"images": [[["a", "b", "c"]]]}), 400, "numbers"),
+    ("nulls", lambda c: _json(c, {"images": [[[None, 1, 2]]]}), 400, "numbers"),
+    ("booleans", lambda c: _json(c, {"images": [[[True, False, True]]]}), 400, "booleans"),
+    ("over 255", lambda c: _json(c, {"images": np.full((1, 8, 8, 3), 300).tolist()}), 400, "[0, 255]"),
+    ("negative", lambda c: _json(c, {"images": np.full((1, 8, 8, 3), -1).tolist()}), 400, "[0, 255]"),
+    ("float over 1", lambda c: _json(c, {"images": np.full((1, 8, 8, 3), 2.5).tolist()}), 400, "[0, 1]"),
+    ("two channels", lambda c: _json(c, {"images": np.zeros((1, 8, 8, 2), int).tolist()}), 400, "channels"),
+    ("wrong content type", lambda c: _json(c, b"x", "text/plain"), 415, "Content-Type"),
+    ("corrupt npy", lambda c: _json(c, b"\x93NUMPY garbage", "application/x-npy"), 400, ".npy"),
+    ("complex npy", lambda c: post_npy(c, np.zeros((1, 8, 8, 3), np.complex64)), 400, "dtype"),
+    ("too many images", lambda c: post_npy(c, np.zeros((MAX_IMAGES + 1, 2, 2, 3), np.uint8)), 413, "ADAPTSERVE_MAX_IMAGES"),
+    ("too many bytes", lambda c: _json(c, b"[" + b" " * MAX_BYTES + b"]"), 413, "ADAPTSERVE_MAX_BYTES"),
+    ("classify: not multipart", lambda c: c.post("/classify", json={"images": []}),
+     415, "multipart"),
+    ("classify: no files", lambda c: _multipart(c, {"field": (None, b"x")}), 400, "no image files"),
+    ("classify: corrupt file", lambda c: _multipart(c, [("files", ("ok.png", png(np.zeros((8, 8, 3), np.uint8)), "image/png")),
+                                                         ("files", ("bad.png", b"not a png", "image/png"))]), 400, "'bad.png'"),
+    ("classify: empty file", lambda c: _multipart(c, [("files", ("e.png", b"", "image/png"))]), 400, "empty"),
+    ("classify: too many files", lambda c: _multipart(c, [("files", (f"{i}.png", b"x", "image/png"))
+                                                          for i in range(MAX_IMAGES + 1)]), 413, "ADAPTSERVE_MAX_IMAGES"),
+    ("classify: too many bytes", lambda c: _multipart(c, [("files", ("big.png", b"\0" * (MAX_BYTES + 1), "image/png"))]),
+     413, "ADAPTSERVE_MAX_BYTES"),
+]
+
+
+@pytest.mark.parametrize("name,call,status,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_a_4xx_that_names_the_problem(servers, name, call, status, message):
+    r = call(servers["open"])
+    assert r.status_code == status, (name, r.status_code, r.text)
+    body = r.json()
+    assert message in body["error"] and body["status"] == status, body
+    assert "Traceback" not in r.text
+
+
+def test_wrong_method_is_405(servers):
+    assert servers["open"].get("/predict").status_code == 405
+
+
+# ---------------------------------------------------------------- auth
+
+def test_api_key(servers, images):
+    k, o = servers["keyed"], servers["open"]
+    good, bad = {"Authorization": f"Bearer {KEY}"}, {"Authorization": "Bearer nope"}
+    x = images["target"][:2]
+    for path, call in [("/predict", lambda h: post_npy(k, x, headers=h)),
+                       ("/classify", lambda h: k.post("/classify", files=[("f", ("a.png", png(x[0]), "image/png"))], headers=h)),
+                       ("/drift", lambda h: k.get("/drift", headers=h)),
+                       ("/model", lambda h: k.get("/model", headers=h))]:
+        for headers, message in [({}, "missing API key"), (bad, "invalid API key")]:
+            r = call(headers)
+            assert r.status_code == 401 and message in r.json()["error"], (path, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert call(good).status_code == 200, path
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json"):
+        assert k.get(path).status_code == 200, path
+    assert post_npy(o, x).status_code == 200 and o.get("/drift").status_code == 200  # no key configured: open
+
+
+def test_metrics_names(servers):
+    text = servers["open"].get("/metrics").text
+    for name in ("adaptserve_drift_p_value", "adaptserve_drift_is_drift", "adaptserve_drift_checks_total",
+                 "adaptserve_drift_alarms_total", "adaptserve_drift_window_fill", "adaptserve_drift_check_seconds"):
+        assert f"# TYPE {name.removesuffix('_total')}" in text or f"# TYPE {name}" in text, name
+
+
+def test_service_module_imports_without_torch(model):
+    code = ("import sys, service.service, service.score; "
+            "assert 'torch' not in sys.modules, 'torch imported'; assert 'train' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "ADAPTSERVE_MODEL": model["tag"]})
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_window_override_other_than_the_calibrated_one_is_refused(model, tmp_path):
+    s = Server(model["tag"], tmp_path / "w.log", ADAPTSERVE_DRIFT_WINDOW=100)
+    try:  # BentoML logs the failed start-up and never becomes ready
+        deadline = time.monotonic() + 30
+        while "calibrated for windows of 200" not in s.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "ADAPTSERVE_DRIFT_WINDOW=100" in s.log.read_text()
+        assert httpx.get(s.url + "/readyz", timeout=2).status_code != 200
+    except httpx.HTTPError:
+        pass
+    finally:
+        s.stop()
+
+
+def test_bentoml_build_bundles_the_service_and_the_model(model, tmp_path):
+    import yaml
+
+    env = {**os.environ, "ADAPTSERVE_MODEL": model["tag"], "PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True"}
+    bentoml_cli = str(Path(sys.executable).parent / "bentoml")
+    r = subprocess.run([bentoml_cli, "build", ".", "--output", "tag"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tag = r.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("adaptserve:"), r.stdout
+    import bentoml
+
+    bento = bentoml.get(tag)
+    files = {str(p.relative_to(bento.path)) for p in Path(bento.path).rglob("*") if p.is_file()}
+    assert {"src/service/service.py", "src/service/runtime.py", "src/service/drift.py"} <= files
+    assert not [f for f in files if f.startswith(("src/train/", "src/export/", "src/tests/"))], files
+    info = yaml.safe_load((Path(bento.path) / "bento.yaml").read_text())
+    assert model["tag"] in [m["tag"] for s in info["services"] for m in s["models"]]
