@@ -46,7 +46,7 @@ def reference_images(meta: dict, input_spec, spec: str | None, data_root=None) -
             raise DataError("the run kept no held-out target images (--target-holdout 0); "
                             "pass --reference SPEC with in-distribution target images")
         pool = load(meta["target"], input_spec, data_root=data_root, classes=meta["classes"])
-        _, held = holdout_split(len(pool), frac)
+        _, held = holdout_split(len(pool), frac, groups=pool.groups)
         desc, images = f"{meta['target']} (held-out {frac:g}: {len(held)} of {len(pool)})", pool.images[held]
     if len(images) < MIN_IMAGES:
         raise DataError(f"reference {desc} has {len(images)} images; export needs at least {MIN_IMAGES} "

@@ -154,3 +154,11 @@ def test_real_datasets_load_with_documented_shapes():
     assert u.images.shape == (2007, 28, 28, 1) and np.bincount(u.labels)[0] == 359
     mm = load("mnist_m:test", DIGITS32, data_root=SHARED)
     assert mm.images.shape == (9001, 32, 32, 3) and np.array_equal(mm.labels, m.labels[:9001])
+
+
+def test_holdout_keeps_copies_of_one_digit_together():
+    ds = load("demo-target", DIGITS32)
+    train_idx, held = holdout_split(len(ds), 0.1, groups=ds.groups)
+    assert set(ds.groups[train_idx]).isdisjoint(ds.groups[held])  # no held-out image is a copy of a training one
+    assert 0.08 < len(held) / len(ds) < 0.12
+    assert np.array_equal(holdout_split(50, 0.2)[1], holdout_split(50, 0.2, groups=np.arange(50))[1])

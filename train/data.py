@@ -51,13 +51,14 @@ class Dataset:
     images: np.ndarray
     labels: np.ndarray | None
     classes: list[str]
+    groups: np.ndarray | None = None  # images sharing an id are copies of one original (demo augmentation)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, idx: np.ndarray) -> "Dataset":
-        labels = None if self.labels is None else self.labels[idx]
-        return Dataset(self.spec, self.images[idx], labels, self.classes)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Dataset(self.spec, self.images[idx], pick(self.labels), self.classes, pick(self.groups))
 
 
 def data_dir(explicit: str | os.PathLike | None = None) -> Path:
@@ -91,9 +92,11 @@ def load(spec: str, input_spec: InputSpec, *, default_split: str = "train",
          data_root: str | os.PathLike | None = None, classes: list[str] | None = None) -> Dataset:
     """Load ``spec`` into memory, in ``input_spec``. ``classes`` maps a labelled folder's names."""
     kind, arg = parse_spec(spec, default_split)
+    groups = None
     if kind == "demo-source" or kind == "demo-target":
         images, labels = demo_domain(kind.split("-")[1], arg)
         names = DIGITS
+        groups = np.arange(len(images)) // COPIES  # demo_domain keeps the copies of a digit together
     elif kind == "folder":
         images, labels, names = _load_folder(Path(arg).expanduser(), input_spec, classes)
     elif kind == "npz":
@@ -112,17 +115,21 @@ def load(spec: str, input_spec: InputSpec, *, default_split: str = "train",
         labels = np.asarray(labels, np.int64)
         if len(labels) != len(images):
             raise DataError(f"dataset {spec!r}: {len(images)} images but {len(labels)} labels")
-    return Dataset(spec, images, labels, list(names))
+    return Dataset(spec, images, labels, list(names), groups)
 
 
-def holdout_split(n: int, fraction: float, seed: int = 12345) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, fraction: float, seed: int = 12345, groups: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into (train, held-out) with a fixed permutation, the same for every run seed.
 
     The held-out target images are never seen in training; export builds the drift reference from them.
+    With ``groups`` (one id per image, e.g. the augmented copies of one demo digit) whole groups are
+    held out, so no held-out image is a copy of a training image.
     """
-    perm = np.random.default_rng(seed).permutation(n)
-    k = int(round(n * fraction))
-    return np.sort(perm[k:]), np.sort(perm[:k])
+    groups = np.arange(n) if groups is None else np.asarray(groups)
+    ids = np.random.default_rng(seed).permutation(np.unique(groups))
+    held = np.isin(groups, ids[: int(round(len(ids) * fraction))])
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 # --------------------------------------------------------------------------- named datasets
