@@ -4,7 +4,7 @@
         --out benchmarks/runs/accuracy [--pairs mnist:mnist_m mnist:usps usps:mnist] [--methods ...]
 
 Each run is an ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are
-skipped, so the script can be stopped and started again. Prints a markdown table of last-step target
+skipped, so the script can be stopped and started again; ``--report`` prints the table of all finished runs. Prints a markdown table of last-step target
 accuracy (mean ± std over seeds) with the published anchors beside it, and writes ``results.json``.
 """
 
@@ -37,7 +37,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/accuracy"))
+    ap.add_argument("--report", action="store_true", help="train nothing: print the table of every finished run under --out")
     args = ap.parse_args()
+    if args.report:
+        runs = sorted(args.out.glob("*/*/summary.json"))
+        print(table([json.loads(p.read_text()) for p in runs]))
+        return
 
     results = []
     # seeds outermost: a benchmark cut short still has every method at the first seeds
@@ -65,14 +70,15 @@ def table(results: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["source"], r["target"], r["method"], r["steps"]), []).append(r)
-    for (source, target, method, steps), rs in groups.items():
+    order = {"source-only": 0, "dann": 1, "cdan": 2, "cdan-e": 3}
+    for (source, target, method, steps), rs in sorted(groups.items(), key=lambda kv: (kv[0][:2], order[kv[0][2]])):
         acc = [100 * r["target_acc"] for r in rs]
         src = [100 * r["source_acc"] for r in rs]
-        std = statistics.stdev(acc) if len(acc) > 1 else float("nan")
+        std = f"{statistics.stdev(acc):.1f}" if len(acc) > 1 else "—"
         wall = statistics.mean(r["wall_time_s"] for r in rs)
         pair = f"{source}:{target}"
         rows.append(f"| {source} → {target} | {rs[0]['arch']} | {method} | {steps} | {len(rs)} | "
-                    f"{statistics.mean(acc):.1f} ± {std:.1f} | {statistics.mean(src):.1f} | {wall / 60:.1f} min | "
+                    f"{statistics.mean(acc):.1f} ± {std} | {statistics.mean(src):.1f} | {wall / 60:.1f} min | "
                     f"{ANCHORS.get(pair, '') if method == 'dann' else ''} |")
     return "\n".join(rows)
 
