@@ -85,10 +85,7 @@ def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstr
         raise ValueError(f"window {window} does not fit a calibration pool of {n_cal}")
     rng = np.random.default_rng(seed)
     bandwidth = drift.median_heuristic(ref["projections"], seed=seed)
-    k_yy = drift.rbf_kernel(ref["projections"], ref["projections"], bandwidth)
-    n_ref = len(k_yy)
-    yy = float((k_yy.sum() - np.trace(k_yy)) / (n_ref * (n_ref - 1)))
-    del k_yy
+    yy = drift.offdiag_mean(drift.rbf_kernel(ref["projections"], ref["projections"], bandwidth))
     k_cr_mean = drift.rbf_kernel(cal["projections"], ref["projections"], bandwidth).mean(1)  # (n_cal,)
     null_mmd, null_pd, null_pc = np.empty(n_bootstrap), np.empty(n_bootstrap), np.empty(n_bootstrap)
     for b in range(n_bootstrap):

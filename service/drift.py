@@ -93,7 +93,8 @@ def median_heuristic(x: np.ndarray, max_n: int = 1000, seed: int = 0) -> float:
     return med if med > 0 else 1.0  # constant features: any positive σ gives MMD² = 0
 
 
-def _offdiag_mean(k: np.ndarray) -> float:
+def offdiag_mean(k: np.ndarray) -> float:
+    """Mean of the off-diagonal entries of a square kernel matrix: 1/(n(n−1)) Σ_{i≠j} k_ij."""
     n = k.shape[0]
     return float((k.sum() - np.trace(k)) / (n * (n - 1)))
 
@@ -108,8 +109,8 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray, bandwidth: float, yy_term: float
     if len(x) < 2 or len(y) < 2:
         raise ValueError("MMD² needs at least 2 samples on each side")
     if yy_term is None:
-        yy_term = _offdiag_mean(rbf_kernel(y, y, bandwidth))
-    return _offdiag_mean(rbf_kernel(x, x, bandwidth)) + yy_term - 2.0 * float(rbf_kernel(x, y, bandwidth).mean())
+        yy_term = offdiag_mean(rbf_kernel(y, y, bandwidth))
+    return offdiag_mean(rbf_kernel(x, x, bandwidth)) + yy_term - 2.0 * float(rbf_kernel(x, y, bandwidth).mean())
 
 
 def empirical_p(null: np.ndarray, stat: float) -> float:
@@ -155,7 +156,7 @@ class DriftReference:
 
     def mmd2(self, features: np.ndarray) -> float:
         if self._yy is None:
-            self._yy = _offdiag_mean(rbf_kernel(self.projections, self.projections, self.bandwidth))
+            self._yy = offdiag_mean(rbf_kernel(self.projections, self.projections, self.bandwidth))
         return mmd2_unbiased(self.project(features), self.projections, self.bandwidth, self._yy)
 
     def check(self, p_target: np.ndarray, probabilities: np.ndarray, features: np.ndarray) -> dict:
