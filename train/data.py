@@ -33,7 +33,7 @@ import numpy as np
 
 from service.preprocess import ImageError, InputSpec, decode_image, to_input_spec
 
-COPIES = 6  # demo: shifted copies per digit
+COPIES = 6  # demo: random affine copies per digit (kept together: one holdout group each)
 NAMED = ("mnist", "mnist_m", "usps", "svhn", "demo-source", "demo-target")
 DIGITS = [str(i) for i in range(10)]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
