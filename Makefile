@@ -14,7 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
 	touch $@
 
-## make demo: train source-only and DANN on the embedded demo pair (no downloads, no GPU), compare.
+## make demo: the whole journey on the embedded demo pair (no downloads, no GPU): train source-only and DANN,
+## export to the BentoML store, batch-score, serve on 127.0.0.1, send requests, print a table.
 demo: venv
 	$(BIN)/adaptserve demo --out $(OUT)
 

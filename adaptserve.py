@@ -18,11 +18,6 @@ DATA_HELP = ("dataset specs: mnist, mnist_m, usps, svhn (optionally :train/:test
              "sub-folders = labelled), npz:PATH (arrays images, labels)")
 
 
-# The demo's settings, measured in docs/benchmarks.md. λ is capped at 0.5: on the demo's 8,622 + 8,622
-# images the full-strength paper schedule (λ → 1) sometimes aligns the wrong classes in a 1,200-step run.
-DEMO_ARCH, DEMO_STEPS, DEMO_LAMBDA_MAX = "dann_mnist", 1200, 0.5
-
-
 class UserError(Exception):
     """A problem with the user's input; printed as one line, exit status 2."""
 
@@ -184,36 +179,30 @@ def cmd_score(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole job on the embedded demo pair (no downloads, no GPU)",
+    from adaptserve_demo import DEMO_STEPS
+
+    p = sub.add_parser("demo", help="the whole journey on the embedded demo pair (no downloads, no GPU)",
+                       description="Train source-only and DANN on the embedded demo pair, export the DANN model "
+                       "to the BentoML store, batch-score the target test set, serve it on 127.0.0.1, send real "
+                       "requests (predict, classify, drift) and print a summary table.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="where runs and plots go")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="where runs, model files, scores and logs go")
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     p.add_argument("--seed", type=int, default=0)
 
 
 def cmd_demo(args) -> int:
-    """Train source-only and DANN on demo-source → demo-target, then print the comparison."""
-    from train.config import TrainConfig
-    from train.loop import run
+    from adaptserve_demo import DemoError, report, run_demo
 
-    results = {}
-    for i, method in enumerate(["source-only", "dann"], 1):
-        print(f"[{i}/2] training {method} on demo-source → demo-target ({args.steps} steps)", flush=True)
-        cfg = TrainConfig(method=method, arch=DEMO_ARCH, steps=args.steps, seed=args.seed,
-                          lambda_max=DEMO_LAMBDA_MAX)
-        results[method] = run(cfg, args.out / method)
-    so, da = results["source-only"], results["dann"]
-    rows = [("", "source-only", "DANN"),
-            ("target accuracy (demo-target:test)", f"{so['target_acc']:.1%}", f"{da['target_acc']:.1%}"),
-            ("source accuracy (demo-source:test)", f"{so['source_acc']:.1%}", f"{da['source_acc']:.1%}"),
-            ("domain accuracy of G_d (0.5 = aligned)", f"{so['domain_acc']:.1%}", f"{da['domain_acc']:.1%}"),
-            ("proxy A-distance (0 = aligned)", f"{so['pad']:.2f}", f"{da['pad']:.2f}"),
-            ("wall time", f"{so['wall_time_s']:.0f} s", f"{da['wall_time_s']:.0f} s")]
-    width = max(len(r[0]) for r in rows)
+    if args.steps < 100:
+        raise UserError("--steps must be at least 100 (the drift reference needs a trained model)")
+    try:
+        result = run_demo(args.out, steps=args.steps, seed=args.seed)
+    except DemoError as e:
+        print(f"adaptserve demo: failed: {e}", file=sys.stderr)
+        return 1
     print()
-    for r in rows:
-        print(f"{r[0]:<{width}}  {r[1]:>12}  {r[2]:>12}")
-    print(f"\nrun directories, curves.png and tsne.png: {args.out / 'source-only'}, {args.out / 'dann'}")
+    print(report(result))
     return 0
 
 

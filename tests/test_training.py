@@ -43,7 +43,7 @@ def test_run_writes_every_artifact(tmp_path):
 
 def test_dann_beats_source_only_on_the_demo_target(tmp_path):
     """The demo's promise, with the demo's own settings (a shorter schedule would test something else)."""
-    from adaptserve import DEMO_ARCH, DEMO_LAMBDA_MAX, DEMO_STEPS
+    from adaptserve_demo import DEMO_ARCH, DEMO_LAMBDA_MAX, DEMO_STEPS
 
     kw = dict(arch=DEMO_ARCH, steps=DEMO_STEPS, batch_size=64, eval_every=DEMO_STEPS, log_every=100, threads=1,
               lambda_max=DEMO_LAMBDA_MAX)

@@ -1,0 +1,91 @@
+"""Start and stop ``bentoml serve`` for this service as a child process on loopback (demo, tests, benchmarks).
+
+    with ServeProcess("adaptserve-demo:latest", log=Path("serve.log")) as srv:
+        srv.wait_ready()
+        httpx.post(srv.url + "/predict", ...)
+
+The server runs in its own process group (``start_new_session``) so :meth:`ServeProcess.stop` reaches
+BentoML's worker processes too: SIGTERM, then SIGKILL after ``grace`` seconds. It always listens on
+127.0.0.1 at a free port. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``bentoml serve service.service:AdaptService`` for model ``model`` (store tag or folder)."""
+
+    def __init__(self, model: str, log: Path, port: int | None = None, **env: object):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log)
+        self.ready_s: float | None = None
+        full_env = {**os.environ, "ADAPTSERVE_MODEL": str(model), "BENTOML_DO_NOT_TRACK": "True",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                    **{k: str(v) for k, v in env.items()}}
+        bentoml_cli = Path(sys.executable).parent / "bentoml"
+        cmd = [str(bentoml_cli)] if bentoml_cli.exists() else [sys.executable, "-m", "bentoml"]
+        self._log = open(self.log, "wb")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd + ["serve", "service.service:AdaptService", "--host", "127.0.0.1",
+                                            "--port", str(self.port)],
+                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        """Poll ``/readyz`` until 200; return seconds since start. Raises RuntimeError with the log's tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with status {self.proc.returncode}; "
+                                   f"last lines of {self.log}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1.0) as r:
+                    if r.status == 200:
+                        self.ready_s = time.perf_counter() - self.t0
+                        return self.ready_s
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"bentoml serve not ready after {timeout:.0f} s; last lines of {self.log}:\n{self.tail()}")
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+
+    def __enter__(self) -> "ServeProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
