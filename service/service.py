@@ -69,9 +69,30 @@ log = logging.getLogger("adaptserve.service")
 DEFAULT_MODEL = "adaptserve-dann:latest"
 MODEL_SOURCE = os.environ.get("ADAPTSERVE_MODEL", DEFAULT_MODEL)
 MODEL_IS_FOLDER = Path(MODEL_SOURCE).is_dir()
+
+
+def _refuse_a_tampered_model() -> None:
+    """``bentoml serve`` and ``bentoml build`` import this module before any worker starts: a model whose files
+    do not match its manifest stops them here with the IntegrityError, instead of workers that fail and are
+    restarted forever. A model that is not in the store is left to BentoML's own error."""
+    from service.runtime import resolve, verify
+
+    try:
+        folder, _ = resolve(MODEL_SOURCE)
+    except (FileNotFoundError, ValueError):
+        return
+    verify(folder)
+
+
+_refuse_a_tampered_model()
 DEFAULT_MAX_IMAGES = 1024
 DEFAULT_MAX_BYTES = 64 << 20
 MAX_PENDING_WINDOWS = 4
+# Bodies up to this size (a few images) are parsed and run on the event loop: that takes less time than the
+# hop to a worker thread. Larger ones (a 64-image JSON body parses for tens of ms) go to the thread pool.
+INLINE_MAX_BYTES = 64 << 10
+DEFAULT_BATCH_MAX_SIZE = 256
+DEFAULT_BATCH_MAX_LATENCY_MS = 60_000
 NPY_TYPES = ("application/x-npy", "application/npy", "application/octet-stream")
 # Routes that stay open when ADAPTSERVE_API_KEY is set (health, metrics, API description, BentoML's UI).
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/")
@@ -97,6 +118,25 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"${name} must be at least {minimum}, got {value}")
     return value
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "on", "yes"):
+        return True
+    if raw in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"${name} must be on or off, got {raw!r}")
+
+
+# Read at import: they decide the service graph (with batching, a second BentoML service holds the model).
+BATCHING = _env_flag("ADAPTSERVE_BATCHING")
+BATCHER_RETRIES = 2
+BATCHER_TIMEOUT_S = 20.0
+BATCH_MAX_SIZE = _env_int("ADAPTSERVE_BATCH_MAX_SIZE", DEFAULT_BATCH_MAX_SIZE, minimum=2)
+BATCH_MAX_LATENCY_MS = _env_int("ADAPTSERVE_BATCH_MAX_LATENCY_MS", DEFAULT_BATCH_MAX_LATENCY_MS)
 
 
 # ---------------------------------------------------------------- JSON out
@@ -426,8 +466,16 @@ def guarded(handler):
     return wrapper
 
 
-_IMAGES_SCHEMA = {"type": "array", "description": "(N,H,W,C) uint8 0-255 (or floats in [0,1]); (H,W,C) for one image",
-                  "items": {"type": "array", "items": {"type": "array", "items": {}}}}
+_PIXEL = {"type": "number", "minimum": 0, "maximum": 255}
+
+
+def _nested(rank: int) -> dict:
+    """A non-empty nested list of ``rank`` levels with numeric leaves (JSON Schema cannot say rectangular)."""
+    return _PIXEL if rank == 0 else {"type": "array", "minItems": 1, "items": _nested(rank - 1)}
+
+
+_IMAGES_SCHEMA = {"description": "(N,H,W,C) uint8 0-255 (or all floats in [0,1]), or (H,W,C) / (H,W) for one image; "
+                                 "rectangular, C in 1, 3, 4", "anyOf": [_nested(4), _nested(3), _nested(2)]}
 _PREDICTION_SCHEMA = {
     "type": "object", "required": ["labels", "class_indices", "probabilities", "model"],
     "properties": {"labels": {"type": "array", "items": {"type": "string"}},
@@ -447,6 +495,47 @@ def _ok(schema: dict) -> dict:
 api = FastAPI(title="adaptserve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def open_model(bento_model=None) -> tuple[Model, str]:
+    """The model named by ``ADAPTSERVE_MODEL`` (a folder, or the service's BentoModel) and its tag."""
+    device = os.environ.get("ADAPTSERVE_DEVICE", "auto")
+    threads = _env_int("ADAPTSERVE_THREADS", 0, minimum=0)
+    if MODEL_IS_FOLDER:
+        return Model.open(MODEL_SOURCE, device=device, threads=threads), str(Path(MODEL_SOURCE).resolve())
+    return Model.open(bento_model.path, device=device, threads=threads), str(bento_model.tag)
+
+
+def pack(probabilities: np.ndarray, features: np.ndarray, p_target: np.ndarray) -> np.ndarray:
+    """One float32 (N, K + D + 1) array — the batchable API's output must be one array split on axis 0."""
+    return np.concatenate([probabilities, features, p_target[:, None]], axis=1, dtype=np.float32)
+
+
+def unpack(out: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.ascontiguousarray(a) for a in (out[:, :n_classes], out[:, n_classes:-1], out[:, -1]))
+
+
+@bentoml.service(name="adaptserve-batcher", traffic={"timeout": 120})
+class Batcher:
+    """The model behind BentoML's adaptive batching (only with ``ADAPTSERVE_BATCHING=on``).
+
+    A dependency of :class:`AdaptService`, so ``bentoml serve`` runs it as its own process; the router
+    parses and validates each request, brings it to the input spec and calls :meth:`infer` with the uint8
+    array; BentoML merges concurrent calls (up to ``ADAPTSERVE_BATCH_MAX_SIZE`` images, waiting at most
+    ``ADAPTSERVE_BATCH_MAX_LATENCY_MS``) into one ONNX Runtime call and splits the result back.
+    """
+
+    if not MODEL_IS_FOLDER:
+        bento_model = bentoml.models.BentoModel(MODEL_SOURCE)
+
+    def __init__(self) -> None:
+        self.model, self.tag = open_model(None if MODEL_IS_FOLDER else self.bento_model)
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size=BATCH_MAX_SIZE, max_latency_ms=BATCH_MAX_LATENCY_MS)
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N,H,W,C) in the input spec → float32 (N, K + D + 1): probabilities, features, P(target)."""
+        pred = self.model.predict(images)
+        return pack(pred.probabilities, pred.features, pred.p_target)
+
+
 @bentoml.service(name="adaptserve", traffic={"timeout": 120})
 @bentoml.asgi_app(api, path="/")
 class AdaptService:
@@ -454,39 +543,69 @@ class AdaptService:
 
     if not MODEL_IS_FOLDER:
         bento_model = bentoml.models.BentoModel(MODEL_SOURCE)  # `bentoml build` bundles it
+    if BATCHING:
+        batcher = bentoml.depends(Batcher)
 
     def __init__(self) -> None:
         t0 = time.perf_counter()
         self.max_images = _env_int("ADAPTSERVE_MAX_IMAGES", DEFAULT_MAX_IMAGES)
         self.max_bytes = _env_int("ADAPTSERVE_MAX_BYTES", DEFAULT_MAX_BYTES)
-        device = os.environ.get("ADAPTSERVE_DEVICE", "auto")
-        threads = _env_int("ADAPTSERVE_THREADS", 0, minimum=0)
-        if MODEL_IS_FOLDER:
-            self.model = Model.open(MODEL_SOURCE, device=device, threads=threads)
-            self.tag = str(Path(MODEL_SOURCE).resolve())
-        else:
-            stored = self.bento_model
-            self.model = Model.open(stored.path, device=device, threads=threads)
-            self.tag = str(stored.tag)
+        self.model, self.tag = open_model(None if MODEL_IS_FOLDER else self.bento_model)
         ref = self.model.drift_reference
         window = _env_int("ADAPTSERVE_DRIFT_WINDOW", ref.window)
         if window != ref.window:
             raise ValueError(f"ADAPTSERVE_DRIFT_WINDOW={window}, but the drift thresholds of {self.tag} are calibrated "
                              f"for windows of {ref.window} images; re-export with another window instead")
-        self.monitor = DriftMonitor(ref, self.tag)
-        log.info("adaptserve: model %s (%s) on %s, drift window %d, opened in %.2f s", self.tag,
-                 self.model.input_spec, self.model.providers, ref.window, time.perf_counter() - t0)
+        self.monitor = DriftMonitor(ref, self.tag) if _env_flag("ADAPTSERVE_DRIFT", True) else None
+        self.classes = np.array(self.model.classes, dtype=object)
+        log.info("adaptserve: model %s (%s) on %s, drift checks %s, adaptive batching %s, opened in %.2f s",
+                 self.tag, self.model.input_spec, self.model.providers,
+                 f"on (window {ref.window})" if self.monitor else "off",
+                 f"on (max {BATCH_MAX_SIZE} images, {BATCH_MAX_LATENCY_MS} ms)" if BATCHING else "off",
+                 time.perf_counter() - t0)
 
     # -- shared
 
-    def _run(self, images: np.ndarray) -> dict:
+    def _prepare(self, images: np.ndarray) -> np.ndarray:
         try:
-            pred = self.model.predict(images)
+            return self.model.prepare(images)
         except ImageError as e:
             raise HTTPError(400, str(e)) from None
-        self.monitor.add(pred.p_target, pred.probabilities, pred.features)
-        return {"labels": pred.labels, "class_indices": pred.predictions, "probabilities": pred.probabilities,
+
+    def _result(self, probabilities: np.ndarray, features: np.ndarray, p_target: np.ndarray) -> dict:
+        """Feed the drift monitor; the response body of N predictions."""
+        if self.monitor is not None:
+            self.monitor.add(p_target, probabilities, features)
+        idx = probabilities.argmax(1)
+        return {"labels": self.classes[idx].tolist(), "class_indices": idx, "probabilities": probabilities,
                 "model": self.tag}
+
+    def _run(self, images: np.ndarray) -> dict:
+        pred = self.model.predict(self._prepare(images))
+        return self._result(pred.probabilities, pred.features, pred.p_target)
+
+    async def _infer(self, prepared: np.ndarray) -> dict:
+        """Batching on: hand the input-spec array to the Batcher service, which merges concurrent calls.
+
+        BentoML 1.4.39's inter-service client closes its shared aiohttp session every 100 requests (or
+        300 s) while other calls are still in flight on it (``SessionManager`` in
+        ``_bentoml_impl/client/proxy2.py``); those calls fail with a connection error before the Batcher
+        ran them, so they are retried (inference is idempotent). A call that hangs (seen once in ~3,700 at
+        32 clients) is abandoned after ``BATCHER_TIMEOUT_S`` and retried too.
+        """
+        import asyncio
+
+        import aiohttp
+
+        for attempt in range(BATCHER_RETRIES + 1):
+            try:
+                out = await asyncio.wait_for(self.batcher.to_async.infer(prepared), BATCHER_TIMEOUT_S)
+                break
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:  # also ServerDisconnectedError
+                if attempt == BATCHER_RETRIES:
+                    raise
+                log.warning("batcher call failed (%s), retrying (attempt %d)", e.__class__.__name__, attempt + 1)
+        return self._result(*unpack(out, len(self.classes)))
 
     def _predict_body(self, body: bytes, content_type: str) -> bytes:
         return dumps(self._run(parse_images(body, content_type, self.max_images)))
@@ -498,49 +617,79 @@ class AdaptService:
 
     # -- endpoints
 
-    @api.post("/predict", summary="classify images sent as JSON or .npy", responses={**_ok(_PREDICTION_SCHEMA), **_ERRORS},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": {"type": "object", "required": ["images"],
-                                                  "properties": {"images": _IMAGES_SCHEMA}}},
-                  "application/x-npy": {"schema": {"type": "string", "format": "binary"}}}}})
     @guarded
     async def predict(self, request: Request):
         from starlette.concurrency import run_in_threadpool
 
         body = await read_body(request, self.max_bytes)
-        data = await run_in_threadpool(self._predict_body, body, request.headers.get("content-type", ""))
+        ctype = request.headers.get("content-type", "")
+        small = len(body) <= INLINE_MAX_BYTES
+        if BATCHING:
+            prepare = lambda: self._prepare(parse_images(body, ctype, self.max_images))  # noqa: E731
+            x = prepare() if small else await run_in_threadpool(prepare)
+            return json_response(await self._infer(x))
+        data = self._predict_body(body, ctype) if small else await run_in_threadpool(self._predict_body, body, ctype)
         return Response(data, media_type="application/json")
 
-    @api.post("/classify", summary="classify uploaded image files (PNG, JPEG, ...)",
-              responses={**_ok({**_PREDICTION_SCHEMA, "properties": {**_PREDICTION_SCHEMA["properties"],
-                                                                     "filenames": {"type": "array", "items": {"type": "string"}}}}),
-                         **_ERRORS},
-              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                  "type": "object", "properties": {"files": {"type": "array",
-                                                             "items": {"type": "string", "format": "binary"}}}}}}}})
     @guarded
     async def classify(self, request: Request):
         from starlette.concurrency import run_in_threadpool
 
         body = await read_body(request, self.max_bytes)
         files = await parse_uploads(request.headers, body, self.max_images)
+        if BATCHING:
+            x = await run_in_threadpool(decode_uploads, files, self.model.input_spec)
+            return json_response({**await self._infer(x), "filenames": [name for name, _ in files]})
         data = await run_in_threadpool(self._classify_files, files)
         return Response(data, media_type="application/json")
 
-    @api.get("/drift", summary="result of the last drift check and the current window's fill",
-             responses={**_ok({"type": "object", "properties": {
-                 "status": {"type": "string", "enum": ["warming_up", "ok", "drift"]}, "model": {"type": "string"},
-                 "window_size": {"type": "integer"}, "n_in_window": {"type": "integer"}, "alpha": {"type": "number"},
-                 "tests": {"type": "array", "items": {"type": "object"}}, "is_drift": {"type": "boolean"}}}),
-                 401: _ERROR})
     @guarded
     async def drift(self, request: Request):
+        if self.monitor is None:
+            return json_response({"status": "disabled", "model": self.tag, "tests": [], "is_drift": False})
         return json_response(self.monitor.status())
 
-    @api.get("/model", summary="the model's manifest", responses={**_ok({"type": "object"}), 401: _ERROR})
     @guarded
     async def model_info(self, request: Request):
         return json_response({**self.model.manifest, "tag": self.tag, "providers": self.model.providers})
+
+
+# The routes are module functions, not FastAPI class views: BentoML gives a class view's ``self`` a sync
+# dependency (``get_current_service``), which FastAPI runs in a worker thread — a thread hop per request.
+
+@api.post("/predict", summary="classify images sent as JSON or .npy", responses={**_ok(_PREDICTION_SCHEMA), **_ERRORS},
+          openapi_extra={"requestBody": {"required": True, "content": {
+              "application/json": {"schema": {"type": "object", "required": ["images"],
+                                              "properties": {"images": _IMAGES_SCHEMA}}},
+              "application/x-npy": {"schema": {"type": "string", "format": "binary"}}}}})
+async def predict_route(request: Request):
+    return await bentoml.get_current_service().predict(request)
+
+
+@api.post("/classify", summary="classify uploaded image files (PNG, JPEG, ...)",
+          responses={**_ok({**_PREDICTION_SCHEMA, "properties": {**_PREDICTION_SCHEMA["properties"],
+                                                                 "filenames": {"type": "array", "items": {"type": "string"}}}}),
+                     **_ERRORS},
+          openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+              "type": "object", "required": ["files"], "properties": {"files": {
+                  "type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}}}}})
+async def classify_route(request: Request):
+    return await bentoml.get_current_service().classify(request)
+
+
+@api.get("/drift", summary="result of the last drift check and the current window's fill",
+         responses={**_ok({"type": "object", "properties": {
+             "status": {"type": "string", "enum": ["warming_up", "ok", "drift", "disabled"]}, "model": {"type": "string"},
+             "window_size": {"type": "integer"}, "n_in_window": {"type": "integer"}, "alpha": {"type": "number"},
+             "tests": {"type": "array", "items": {"type": "object"}}, "is_drift": {"type": "boolean"}}}),
+             401: _ERROR})
+async def drift_route(request: Request):
+    return await bentoml.get_current_service().drift(request)
+
+
+@api.get("/model", summary="the model's manifest", responses={**_ok({"type": "object"}), 401: _ERROR})
+async def model_info_route(request: Request):
+    return await bentoml.get_current_service().model_info(request)
 
 
 AdaptService.add_asgi_middleware(ApiKeyMiddleware)

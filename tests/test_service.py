@@ -103,13 +103,15 @@ def servers(model, tmp_path_factory):
     started = []
     try:
         started.append(Server(model["tag"], logs / "open.log", **limits))
-        started.append(Server(model["tag"], logs / "keyed.log", ADAPTSERVE_API_KEY=KEY, **limits))
+        started.append(Server(model["tag"], logs / "keyed.log", ADAPTSERVE_API_KEY=KEY, ADAPTSERVE_DRIFT="off", **limits))
+        started.append(Server(model["tag"], logs / "batching.log", ADAPTSERVE_BATCHING="on", **limits))
         for s in started:
             s.wait_ready()
-        print(f"\ncold start to /readyz: {', '.join(f'{s.ready_s:.2f} s' for s in started)} (two servers at once)")
+        print(f"\ncold start to /readyz: {', '.join(f'{s.ready_s:.2f} s' for s in started)} (three servers at once)")
         with httpx.Client(base_url=started[0].url, timeout=60) as open_client, \
-                httpx.Client(base_url=started[1].url, timeout=60) as keyed_client:
-            yield {"open": open_client, "keyed": keyed_client, "servers": started}
+                httpx.Client(base_url=started[1].url, timeout=60) as keyed_client, \
+                httpx.Client(base_url=started[2].url, timeout=60) as batching_client:
+            yield {"open": open_client, "keyed": keyed_client, "batching": batching_client, "servers": started}
     finally:
         for s in started:
             s.stop()
@@ -158,7 +160,7 @@ def wait_drift(client, checked: int, timeout: float = 20.0) -> dict:
 def metric_values(text: str) -> dict:
     out = {}
     for line in text.splitlines():
-        if line.startswith("adaptserve_"):
+        if line.startswith(("adaptserve_", "bentoml_service_adaptive_batch_size")):
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
@@ -296,13 +298,70 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("server", ["open", "batching"])
 @pytest.mark.parametrize("name,call,status,message", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gets_a_4xx_that_names_the_problem(servers, name, call, status, message):
-    r = call(servers["open"])
+def test_bad_input_gets_a_4xx_that_names_the_problem(servers, server, name, call, status, message):
+    r = call(servers[server])
     assert r.status_code == status, (name, r.status_code, r.text)
     body = r.json()
     assert message in body["error"] and body["status"] == status, body
     assert "Traceback" not in r.text
+
+
+# ---------------------------------------------------------------- concurrency and adaptive batching
+
+def _concurrent_predictions(client, x: np.ndarray, sizes: list[int]) -> list[tuple[slice, httpx.Response]]:
+    """Post consecutive slices of ``x`` (the given sizes, JSON and .npy alternating) from as many threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.cumsum([0, *sizes])
+    slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def post(k: int) -> tuple[slice, httpx.Response]:
+        part = x[slices[k]]
+        if k % 2:
+            return slices[k], post_npy(client, part)
+        return slices[k], client.post("/predict", json={"images": part.tolist()})
+
+    with ThreadPoolExecutor(len(slices)) as pool:
+        return list(pool.map(post, range(len(slices))))
+
+
+@pytest.mark.parametrize("server", ["open", "batching"])
+def test_concurrent_requests_get_their_own_rows(servers, images, model, server):
+    """32 clients at once, 1-12 images each: every answer is 200 and equals a direct ORT run of its own images."""
+    x = np.concatenate([images["target"], images["held_out"]])[:200]
+    sizes = [1 + (k * 5) % 12 for k in range(32)]
+    expected = model["runtime"].predict(x)
+    answers = _concurrent_predictions(servers[server], x, sizes)
+    assert [r.status_code for _, r in answers] == [200] * len(sizes), [r.text for _, r in answers if r.status_code != 200]
+    for rows, r in answers:
+        body = r.json()
+        assert body["class_indices"] == expected.predictions[rows].tolist() and body["labels"] == expected.labels[rows]
+        np.testing.assert_allclose(np.array(body["probabilities"]), expected.probabilities[rows], rtol=0, atol=1e-6)
+
+
+def test_batching_merges_concurrent_calls_and_feeds_the_drift_monitor(servers, images, model):
+    c = servers["batching"]
+    before = c.get("/drift").json()
+    x = images["target"][:96]
+    answers = _concurrent_predictions(c, x, [3] * 32)
+    assert all(r.status_code == 200 for _, r in answers)
+    m = metric_values(c.get("/metrics").text)
+    calls = sum(v for k, v in m.items() if k.startswith("bentoml_service_adaptive_batch_size_sum"))
+    batches = sum(v for k, v in m.items() if k.startswith("bentoml_service_adaptive_batch_size_count"))
+    assert calls >= 32 and batches < calls, (calls, batches)  # at least one ORT call served several requests
+    after = c.get("/drift").json()
+    windows = lambda d: d["windows_checked"] + d["windows_pending"] + d["windows_skipped"]  # noqa: E731
+    assert (windows(after) - windows(before)) * after["window_size"] + after["n_in_window"] - before["n_in_window"] == 96
+
+
+def test_drift_checks_can_be_switched_off(servers, images):
+    k = servers["keyed"]  # started with ADAPTSERVE_DRIFT=off
+    headers = {"Authorization": f"Bearer {KEY}"}
+    assert post_npy(k, images["target"][:4], headers=headers).status_code == 200
+    d = k.get("/drift", headers=headers).json()
+    assert d["status"] == "disabled" and d["tests"] == [] and d["is_drift"] is False
 
 
 def test_wrong_method_is_405(servers):

@@ -1,0 +1,285 @@
+"""/predict throughput and latency: the adaptserve service vs a bare Starlette + ORT server, side by side.
+
+    ADAPTSERVE_DATA=../shared/data .venv/bin/python benchmarks/serve_throughput.py MODEL_FOLDER \\
+        [--seconds 4] [--rounds 2] [--cold-starts 3] [--out results.json]
+
+MODEL_FOLDER is an exported model (``adaptserve export RUN_DIR --out MODEL_FOLDER``). Five servers run at
+once on 127.0.0.1 (free ports), each with one process and one ONNX Runtime thread:
+
+- ``bare``      — benchmarks/bare_server.py: Starlette + uvicorn + one session of the same model.onnx;
+- ``service``   — ``bentoml serve service.service:AdaptService`` as shipped (drift checks on, batching off);
+- ``no-drift``  — the same with ``ADAPTSERVE_DRIFT=off``;
+- ``batching``  — the same with ``ADAPTSERVE_BATCHING=on`` (BentoML adaptive batching in a Batcher service);
+- ``no-access-log`` — the shipped service with BentoML's per-request access log switched off.
+
+For every payload (one image / 64 images, as JSON and as .npy; MNIST-M test images, 32×32×3 uint8) and
+concurrency (1, 32), each server gets ``--seconds`` of closed-loop load from a minimal keep-alive HTTP/1.1
+client (asyncio streams, one connection per simulated client); servers take turns, in a rotated order,
+``--rounds`` times, and the rounds are pooled. Reported: requests/s, images/s, p50/p99 latency, non-200
+answers, the ratios to ``bare`` and the drift cost (1 − service / no-drift throughput). Cold start: seconds
+from process start to ``/readyz`` 200, ``--cold-starts`` launches of each kind, alternating. Every server is
+killed at the end, also on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import lzma
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+KINDS = {
+    "bare": {},
+    "service": {},
+    "no-drift": {"ADAPTSERVE_DRIFT": "off"},
+    "batching": {"ADAPTSERVE_BATCHING": "on"},
+    "no-access-log": {"BENTOML_CONFIG_OPTIONS": "services.adaptserve.logging.access.enabled=false"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One server subprocess in its own process group; ``ready_s`` = start → /readyz 200."""
+
+    def __init__(self, kind: str, model: Path, logdir: Path):
+        self.kind, self.port = kind, free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True", "ADAPTSERVE_MODEL": str(model),
+               "ADAPTSERVE_THREADS": "1", "OMP_NUM_THREADS": "1", **KINDS[kind]}
+        if kind == "bare":
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), str(model), "--port", str(self.port),
+                   "--threads", "1"]
+        else:
+            cmd = [str(BIN / "bentoml"), "serve", "service.service:AdaptService", "--host", "127.0.0.1",
+                   "--port", str(self.port)]
+        self.log = open(logdir / f"{kind}-{self.port}.log", "wb")
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.ready_s: float | None = None
+
+    def wait_ready(self, timeout: float = 90.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        self.ready_s = time.perf_counter() - self.t0
+                        return self.ready_s
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.kind} not ready after {timeout} s; log: {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self.log.close()
+
+
+# ---------------------------------------------------------------- load generator
+
+def request_bytes(port: int, body: bytes, ctype: str) -> bytes:
+    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
+    return head.encode() + body
+
+
+async def _client(port: int, requests: list[bytes], deadline: float, max_requests: int, out: list, offset: int):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = offset
+    try:
+        while time.perf_counter() < deadline and len(out) < max_requests:
+            t0 = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            i += 1
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = None
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
+            await reader.readexactly(length)
+            out.append((time.perf_counter() - t0, status))
+    finally:
+        writer.close()
+
+
+async def _load(port, requests, concurrency, seconds, max_requests):
+    out: list[tuple[float, int]] = []
+    deadline = time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_client(port, requests, deadline, max_requests, out, k * 7) for k in range(concurrency)))
+    return out, time.perf_counter() - t0
+
+
+def load(port: int, requests: list[bytes], concurrency: int, seconds: float, max_requests: int = 200_000):
+    """Closed-loop load for ``seconds``: [(latency s, status)] and the wall time."""
+    return asyncio.run(_load(port, requests, concurrency, seconds, max_requests))
+
+
+# ---------------------------------------------------------------- payloads
+
+def npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def payloads(images: np.ndarray) -> dict[str, tuple[int, list[tuple[bytes, str]]]]:
+    """name → (images per request, [(body, content type)]) — a few distinct bodies per payload."""
+    import orjson
+
+    singles, batches = images[:256], [images[256 + 64 * k:256 + 64 * (k + 1)] for k in range(8)]
+    return {
+        "1 image, JSON": (1, [(orjson.dumps({"images": a.tolist()}), "application/json") for a in singles]),
+        "1 image, .npy": (1, [(npy(a[None]), "application/x-npy") for a in singles]),
+        "64 images, JSON": (64, [(orjson.dumps({"images": b.tolist()}), "application/json") for b in batches]),
+        "64 images, .npy": (64, [(npy(b), "application/x-npy") for b in batches]),
+    }
+
+
+def mnist_m_test(data_root: str) -> np.ndarray:
+    path = Path(data_root) / "mnist_m" / "mnist_m_test_images.npy.xz"
+    with lzma.open(path) as f:
+        a = np.load(f)
+    return a[np.random.default_rng(0).permutation(len(a))[:768]]  # shuffled: drift windows stay in-distribution
+
+
+# ---------------------------------------------------------------- report
+
+def summarise(samples: list[tuple[float, int]], wall: float, per_request: int) -> dict:
+    lat = np.array([s[0] for s in samples if s[1] == 200]) * 1000
+    statuses: dict[str, int] = {}
+    for _, st in samples:
+        if st != 200:
+            statuses[str(st)] = statuses.get(str(st), 0) + 1
+    n_ok = len(lat)
+    return {"requests": len(samples), "ok": n_ok, "errors": statuses, "seconds": wall,
+            "req_per_s": n_ok / wall if wall else 0.0, "images_per_s": n_ok * per_request / wall if wall else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if n_ok else None,
+            "p99_ms": float(np.percentile(lat, 99)) if n_ok else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path, help="an exported model folder")
+    ap.add_argument("--seconds", type=float, default=4.0, help="load per server, cell and round")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    ap.add_argument("--payloads", nargs="+", default=None, help="subset of payload names (default: all four)")
+    ap.add_argument("--cold-starts", type=int, default=3)
+    ap.add_argument("--data-dir", default=os.environ.get("ADAPTSERVE_DATA", str(ROOT.parent / "shared" / "data")))
+    ap.add_argument("--logs", type=Path, default=Path("/tmp/adaptserve-serve-bench"))
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = ap.parse_args()
+    args.logs.mkdir(parents=True, exist_ok=True)
+    model = args.model.resolve()
+    loads = payloads(mnist_m_test(args.data_dir))
+    if args.payloads:
+        loads = {k: v for k, v in loads.items() if k in args.payloads}
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(),
+                     "args": {k: str(v) for k, v in vars(args).items()}, "cold_start_s": {}, "cells": []}
+
+    running: list[Server] = []
+    try:
+        # cold start: one launch of each kind at a time, alternating
+        for _ in range(args.cold_starts):
+            for kind in args.kinds:
+                s = Server(kind, model, args.logs)
+                running.append(s)
+                results["cold_start_s"].setdefault(kind, []).append(round(s.wait_ready(), 3))
+                s.stop()
+                running.remove(s)
+        for kind, xs in results["cold_start_s"].items():
+            print(f"cold start {kind:9s}: " + ", ".join(f"{x:.2f}" for x in xs) + " s", flush=True)
+
+        servers = {kind: Server(kind, model, args.logs) for kind in args.kinds}
+        running.extend(servers.values())
+        for s in servers.values():
+            s.wait_ready()
+        for name, (per_request, bodies) in loads.items():
+            for c in args.concurrency:
+                pooled = {k: ([], 0.0) for k in servers}
+                for r in range(args.rounds):
+                    order = list(servers)[r % len(servers):] + list(servers)[:r % len(servers)]
+                    for kind in order:
+                        s = servers[kind]
+                        reqs = [request_bytes(s.port, b, ct) for b, ct in bodies]
+                        load(s.port, reqs[:2], 1, 0.3)  # warm-up: connection, first ORT run
+                        samples, wall = load(s.port, reqs, c, args.seconds)
+                        pooled[kind][0].extend(samples)
+                        pooled[kind] = (pooled[kind][0], pooled[kind][1] + wall)
+                cell = {"payload": name, "concurrency": c,
+                        "servers": {k: summarise(v[0], v[1], per_request) for k, v in pooled.items()}}
+                results["cells"].append(cell)
+                base = cell["servers"].get("bare")
+                for k, m in cell["servers"].items():
+                    ratio = f"{m['req_per_s'] / base['req_per_s']:.2f}× bare" if base and base["req_per_s"] else ""
+                    print(f"{name:16s} c={c:<3d} {k:9s} {m['req_per_s']:8.1f} req/s {m['images_per_s']:8.1f} img/s "
+                          f"p50 {m['p50_ms'] or float('nan'):7.2f} ms p99 {m['p99_ms'] or float('nan'):7.2f} ms "
+                          f"errors {m['errors'] or 0} {ratio}", flush=True)
+    finally:
+        for s in running:
+            s.stop()
+    results["loadavg_end"] = os.getloadavg()
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The table for docs/benchmarks.md."""
+    lines = ["| payload | clients | server | req/s | images/s | p50 ms | p99 ms | non-200 | × bare |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for cell in results["cells"]:
+        base = cell["servers"].get("bare", {}).get("req_per_s")
+        for k, m in cell["servers"].items():
+            ratio = f"{m['req_per_s'] / base:.2f}" if base else ""
+            err = ", ".join(f"{n}× {st}" for st, n in m["errors"].items()) or "0"
+            lines.append(f"| {cell['payload']} | {cell['concurrency']} | {k} | {m['req_per_s']:.0f} | "
+                         f"{m['images_per_s']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {err} | {ratio} |")
+    drift = []
+    for cell in results["cells"]:
+        sv, nd = cell["servers"].get("service"), cell["servers"].get("no-drift")
+        if sv and nd and nd["req_per_s"]:
+            drift.append(f"{cell['payload']}, c={cell['concurrency']}: {100 * (1 - sv['req_per_s'] / nd['req_per_s']):+.1f} %")
+    if drift:
+        lines.append("\ndrift-check cost (1 − service / no-drift req/s): " + "; ".join(drift))
+    cold = results.get("cold_start_s", {})
+    if cold:
+        lines.append("\ncold start to /readyz (s): " + "; ".join(
+            f"{k} median {np.median(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})" for k, v in cold.items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
