@@ -149,6 +149,12 @@ def _json_default(o):
 def _check_out(out: Path | None) -> None:
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out} already exists and is not empty; choose another folder or remove it")
+    if out is not None:  # fail before the minutes of work, not at the end: the nearest existing ancestor
+        parent = next(p for p in out.absolute().parents if p.exists())
+        if not parent.is_dir():
+            raise NotADirectoryError(f"--out {out}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"--out {out}: no permission to write in {parent}")
 
 
 def export(run_dir: Path, *, checkpoint: str = "best", name: str | None = None, out: Path | None = None,

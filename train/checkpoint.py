@@ -30,6 +30,8 @@ def save_atomic(obj: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a failed write (disk full, file size limit) as RuntimeError
+        raise OSError(f"cannot write checkpoint {path} (disk full or file size limit?): {e}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
