@@ -88,21 +88,26 @@ def diagnose(history: list[dict], progress: float, method: str) -> list[tuple[st
     """
     if not history:
         return []
-    last, first = history[-1], history[0]
+    last = history[-1]
     out = []
     adversarial = method != "source-only"
     if adversarial and progress >= 0.3 and len(history) >= 2 and all(
             h["domain_acc"] >= 0.98 for h in history[-2:]):
         out.append(("domain_stuck_high",
                     f"domain accuracy {last['domain_acc']:.1%} near 100% at p={progress:.2f}: the discriminator "
-                    "wins and the features are not aligned. Try a larger --lambda-max (up to 10), a smaller "
-                    "or dropout-only discriminator, a lower --gamma for a slower warm-up, and check the GRL sign."))
-    if adversarial and abs(first["domain_acc"] - 0.5) < 0.03 and first["source_acc"] < 0.5 and progress >= 0.1:
+                    "wins and the features are not aligned. Try a larger --lambda-max (up to 10), a larger --gamma "
+                    "so λ reaches full strength sooner, a smaller or dropout-only discriminator, and check the "
+                    "GRL sign (the gradient into the features must be −λ times the discriminator's)."))
+    # both below wait until p ≥ 0.3: early on nothing has learned yet (the paper CNN at lr 0.01 often
+    # needs a few hundred steps), so one low evaluation is not a symptom
+    if adversarial and progress >= 0.3 and last["source_acc"] < 0.5 and all(
+            abs(h["domain_acc"] - 0.5) < 0.03 for h in history):
         out.append(("domain_stuck_chance",
-                    f"domain accuracy {first['domain_acc']:.1%} at chance from the first evaluation while source "
-                    f"accuracy is {first['source_acc']:.1%}: the features may have collapsed. Try a smaller "
-                    "--lambda-max, a lower --lr, or a larger --gamma so λ ramps up later."))
-    if progress >= 0.2 and last["source_acc"] < 0.5:
+                    f"domain accuracy has stayed at chance ({last['domain_acc']:.1%}) since the first evaluation "
+                    f"while source accuracy is only {last['source_acc']:.1%}: the features may have collapsed "
+                    "(λ too strong too early). Try a smaller --lambda-max, a lower --lr, or a smaller --gamma "
+                    "so λ ramps up more slowly."))
+    if progress >= 0.3 and len(history) >= 2 and all(h["source_acc"] < 0.5 for h in history[-2:]):
         out.append(("source_low",
                     f"source accuracy {last['source_acc']:.1%} at p={progress:.2f}: the classifier is not learning "
                     "the labelled domain. Check the source labels and class folders, try --lr 0.01 with momentum "
