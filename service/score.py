@@ -28,6 +28,8 @@ import json
 import os
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -173,14 +175,16 @@ class Writer:
         else:
             self._f = open(path, "w", newline="" if self.suffix == ".csv" else None, encoding="utf-8")
             if self.suffix == ".csv":
-                self._csv = csv.DictWriter(self._f, columns)
-                self._csv.writeheader()
+                self._csv = csv.writer(self._f)
+                self._csv.writerow(columns)
 
-    def write(self, rows: list[dict]) -> None:
+    def write(self, cols: dict[str, list]) -> None:
+        """Append rows given column by column: ``{column: [value per row]}``; None is an empty field."""
+        rows = zip(*(cols[c] for c in self.columns))
         if self.suffix == ".csv":
-            self._csv.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+            self._csv.writerows(rows)  # csv writes None as ""
         elif self.suffix == ".jsonl":
-            self._f.write("".join(json.dumps(r) + "\n" for r in rows))
+            self._f.write("".join(json.dumps(dict(zip(self.columns, r))) + "\n" for r in rows))
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -188,7 +192,7 @@ class Writer:
             types = {"path": pa.string(), "index": pa.int64(), "label": pa.string(), "class_index": pa.int64(),
                      "confidence": pa.float64(), "true_label": pa.string(), "error": pa.string()}
             schema = pa.schema([(c, types[c]) for c in self.columns])
-            table = pa.Table.from_pylist(rows, schema=schema)
+            table = pa.Table.from_pydict({c: cols[c] for c in self.columns}, schema=schema)
             if self._pq is None:
                 self._pq = pq.ParquetWriter(str(self.path), schema)
             self._pq.write_table(table)
@@ -199,18 +203,27 @@ class Writer:
         if self._pq is not None:
             self._pq.close()
         elif self.suffix == ".parquet":  # no rows at all: still write an empty file with the schema
-            self.write([])
+            self.write({c: [] for c in self.columns})
             self._pq.close()
 
 
 # ---------------------------------------------------------------- drift windows
 
 class WindowDrift:
-    """Consecutive, non-overlapping windows of W outputs → :meth:`DriftReference.check` each."""
+    """Consecutive, non-overlapping windows of W outputs → :meth:`DriftReference.check` each.
+
+    The checks run on one worker thread, so they overlap the inference of the next batches (ONNX Runtime,
+    numpy and scipy release the GIL); at most ``MAX_PENDING`` full windows wait for it, which bounds memory.
+    :meth:`report` waits for every check and stops the thread; on an error, call :meth:`shutdown`.
+    """
+
+    MAX_PENDING = 4
 
     def __init__(self, ref):
         self.ref, self.window = ref, ref.window
         self._parts, self._n, self._start = [], 0, 0
+        self._pending: deque = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="adaptserve-drift")
         self.results: list[dict] = []
 
     def add(self, p_target, probabilities, features) -> None:
@@ -221,14 +234,29 @@ class WindowDrift:
         cols = [np.concatenate(c) for c in zip(*self._parts)]
         full = self._n // self.window * self.window
         for i in range(0, full, self.window):
-            result = self.ref.check(*(c[i:i + self.window] for c in cols))
-            self.results.append({"window": len(self.results), "start": self._start, "end": self._start + self.window,
-                                 "is_drift": bool(result["drift"]), "tests": drift_tests(result, self.ref)})
+            future = self._pool.submit(self.ref.check, *(c[i:i + self.window] for c in cols))
+            self._pending.append((self._start, future))
             self._start += self.window
+            while len(self._pending) > self.MAX_PENDING:
+                self._collect()
         self._parts = [tuple(c[full:] for c in cols)]
         self._n -= full
 
+    def _collect(self) -> None:
+        """Wait for the oldest pending check and record its result (a check's exception is raised here)."""
+        start, future = self._pending.popleft()
+        result = future.result()
+        self.results.append({"window": len(self.results), "start": start, "end": start + self.window,
+                             "is_drift": bool(result["drift"]), "tests": drift_tests(result, self.ref)})
+
+    def shutdown(self) -> None:
+        """Stop the worker thread (pending checks are dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
     def report(self, model_tag: str, n_images: int) -> dict:
+        while self._pending:
+            self._collect()
+        self.shutdown()
         n = len(self.results)
         alarmed = sum(r["is_drift"] for r in self.results)
         per_test = {t: (sum(any(x["name"] == t and x["is_drift"] for x in r["tests"]) for r in self.results) / n
@@ -294,33 +322,33 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
         for batch in source.batches:
             stacked, prep_errors = _prepare(model, batch.images)
             pred = model.predict(stacked) if stacked is not None else None
-            rows, j = [], 0
-            for k, item in enumerate(batch.ids):
-                error = batch.errors[k] or prep_errors[k]
-                row = {id_col: item, "label": None, "class_index": None, "confidence": None}
-                if source.labelled:
-                    true = batch.labels[k]
-                    row["true_label"] = classes[true] if true is not None and 0 <= true < len(classes) else None
-                if error is None:
-                    ci = int(pred.predictions[j])
-                    row.update(label=classes[ci], class_index=ci, confidence=float(pred.probabilities[j, ci]))
-                    j += 1
-                    n_ok += 1
-                    if source.labelled and batch.labels[k] is not None:
-                        n_labelled += 1
-                        n_correct += ci == batch.labels[k]
-                else:
-                    n_err += 1
-                row["error"] = error
-                rows.append(row)
-            writer.write(rows)
+            errors = [e or p for e, p in zip(batch.errors, prep_errors)]
+            ok = [e is None for e in errors]
+            # the readable items' predictions, spread back over all items (None where unreadable)
+            index = pred.predictions.tolist() if pred is not None else []
+            conf = iter(pred.probabilities[np.arange(len(index)), index].tolist() if pred is not None else [])
+            n_ok += len(index)
+            n_err += len(errors) - len(index)
+            index = iter(index)
+            class_index = [next(index) if good else None for good in ok]
+            cols = {id_col: batch.ids, "label": [None if c is None else classes[c] for c in class_index],
+                    "class_index": class_index, "confidence": [next(conf) if good else None for good in ok],
+                    "error": errors}
+            if source.labelled:
+                cols["true_label"] = [classes[t] if t is not None and 0 <= t < len(classes) else None
+                                      for t in batch.labels]
+                known = [(c, t) for c, t in zip(class_index, batch.labels) if c is not None and t is not None]
+                n_labelled += len(known)
+                n_correct += sum(c == t for c, t in known)
+            writer.write(cols)
             if pred is not None:
                 drift.add(pred.p_target, pred.probabilities, pred.features)
             bar.update(len(batch.ids))
+        report = drift.report(tag, n_ok)
     finally:
+        drift.shutdown()
         bar.close()
         writer.close()
-    report = drift.report(tag, n_ok)
     drift_path = out.with_name(out.name + ".drift.json")
     drift_path.write_text(json.dumps(report, indent=2))
     return {"model": tag, "input": str(input_path), "out": str(out), "drift_report": str(drift_path),

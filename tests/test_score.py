@@ -136,18 +136,28 @@ def test_bad_items_in_an_array_are_reported_not_fatal(model, tmp_path, capsys):
 
 def test_output_formats_and_errors(model, target, tmp_path, capsys):
     images, labels = target
+    import pyarrow.parquet as pq  # a dependency: --out .parquet must work
+
     np.savez(tmp_path / "t.npz", images=images[:20], labels=labels[:20])
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        pq = None
-    code, _, stderr = run_cli(capsys, model["folder"], tmp_path / "t.npz", "--out", tmp_path / "s.parquet")
-    if pq is None:
-        assert code == 2 and "pyarrow" in stderr and not (tmp_path / "s.parquet").exists()
-    else:
-        assert code == 0, stderr
-        t = pq.read_table(tmp_path / "s.parquet").to_pylist()
-        assert [r["class_index"] for r in t] == model["runtime"].predict(images[:20]).predictions.tolist()
+    code, _, stderr = run_cli(capsys, model["folder"], tmp_path / "t.npz", "--out", tmp_path / "s.parquet",
+                              "--batch-size", "8")  # 3 batches → 3 row groups in one file
+    assert code == 0, stderr
+    table = pq.read_table(tmp_path / "s.parquet")
+    assert table.column_names == ["index", "label", "class_index", "confidence", "true_label", "error"]
+    assert str(table.schema.field("class_index").type) == "int64" and str(table.schema.field("error").type) == "string"
+    t = table.to_pylist()
+    pred = model["runtime"].predict(images[:20])
+    assert [r["index"] for r in t] == list(range(20)) and [r["label"] for r in t] == pred.labels
+    assert [r["class_index"] for r in t] == pred.predictions.tolist()
+    np.testing.assert_allclose([r["confidence"] for r in t], pred.probabilities.max(1), atol=1e-6)
+    assert [r["true_label"] for r in t] == [str(x) for x in labels[:20]] and all(r["error"] is None for r in t)
+    bad = np.zeros((3, 32, 32, 3), np.float32)
+    bad[1] = 2.0  # out of [0, 1]: an error row with empty prediction columns
+    np.save(tmp_path / "bad.npy", bad)
+    code, _, stderr = run_cli(capsys, model["folder"], tmp_path / "bad.npy", "--out", tmp_path / "bad.parquet")
+    assert code == 0, stderr
+    t = pq.read_table(tmp_path / "bad.parquet").to_pylist()
+    assert [r["class_index"] is None for r in t] == [False, True, False] and "[0, 1]" in t[1]["error"]
 
     for args, message in [([tmp_path / "t.npz", "--out", tmp_path / "s.txt"], "suffix"),
                           ([tmp_path / "missing.npz", "--out", tmp_path / "s.csv"], "does not exist"),

@@ -1,0 +1,124 @@
+"""``adaptserve score`` images/s against a raw ONNX Runtime loop over the same array, alternated in one run.
+
+    ADAPTSERVE_DATA=/work/shared/data .venv/bin/python benchmarks/score_throughput.py \
+        --model /tmp/driftbench/mnistm-dann --n 40000 --batch-size 256 --threads 1 --rounds 3
+
+MODEL is a folder from ``adaptserve export --out`` (``benchmarks/drift_power.py`` makes one). The input is the
+first N MNIST-M train images saved once as a ``.npy`` (``--array``, default under /tmp; never in the repo).
+
+Per round, in alternating order:
+
+- **score** — ``adaptserve score MODEL ARRAY.npy --out scores.csv --batch-size B --threads T --no-progress``
+  in-process (:func:`adaptserve.main`): opens and verifies the model, memory-maps the array, runs the classifier
+  *and* the discriminator, writes one CSV row per image and ``scores.csv.drift.json`` (drift check on every
+  window of 200);
+- **score, no drift** — the same with the drift windows switched off (:class:`service.score.WindowDrift` collects
+  nothing), to show what the drift checks cost;
+- **raw** — the loop a user would write: one ``onnxruntime.InferenceSession`` on ``model.onnx`` with the same
+  intra-op threads, ``np.load(mmap_mode="r")``, ``session.run(["probabilities"], ...)`` per batch of B, argmax,
+  and nothing written.
+
+All timings include opening the model(s) and reading the array. The ratio is score / raw images/s (target ≥ 0.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import adaptserve  # noqa: E402
+from service import score as score_mod  # noqa: E402
+from service.runtime import session  # noqa: E402
+
+
+WINDOW_DRIFT = score_mod.WindowDrift
+
+
+class NoDrift(score_mod.WindowDrift):
+    """Drift windows switched off: outputs are dropped, the report has no windows."""
+
+    def add(self, p_target, probabilities, features) -> None:
+        pass
+
+
+def make_array(path: Path, n: int, data_dir) -> None:
+    from train.data import load
+    from service.preprocess import InputSpec
+
+    images = load("mnist_m:train", InputSpec(32, 32, 3), data_root=data_dir).images
+    if len(images) < n:
+        raise SystemExit(f"MNIST-M train has {len(images)} images, fewer than --n {n}")
+    np.save(path, np.ascontiguousarray(images[:n]))
+
+
+def run_score(model: Path, array: Path, out: Path, batch: int, threads: int, drift: bool = True) -> float:
+    score_mod.WindowDrift = WINDOW_DRIFT if drift else NoDrift
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = adaptserve.main(["score", str(model), str(array), "--out", str(out), "--batch-size", str(batch),
+                                "--threads", str(threads), "--no-progress"])
+    seconds = time.perf_counter() - t0
+    score_mod.WindowDrift = WINDOW_DRIFT
+    if code != 0:
+        raise SystemExit(f"adaptserve score exited with {code}")
+    return seconds
+
+
+def run_raw(model: Path, array: Path, batch: int, threads: int) -> float:
+    t0 = time.perf_counter()
+    sess = session(model / "model.onnx", "cpu", threads)
+    x = np.load(array, mmap_mode="r")
+    labels = np.empty(len(x), np.int64)
+    for i in range(0, len(x), batch):
+        (probs,) = sess.run(["probabilities"], {"images": np.asarray(x[i:i + batch])})
+        labels[i:i + batch] = probs.argmax(1)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=Path("/tmp/driftbench/mnistm-dann"))
+    ap.add_argument("--array", type=Path, default=None, help="input .npy (made from MNIST-M train if missing)")
+    ap.add_argument("--n", type=int, default=40000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data-dir", default=os.environ.get("ADAPTSERVE_DATA"))
+    args = ap.parse_args(argv)
+    array = args.array or Path(tempfile.gettempdir()) / f"adaptserve-mnist_m-{args.n}.npy"
+    if not array.exists():
+        make_array(array, args.n, args.data_dir)
+    n = len(np.load(array, mmap_mode="r"))
+    times = {"score": [], "score-nodrift": [], "raw": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scores.csv"
+        runs = {"score": lambda: run_score(args.model, array, out, args.batch_size, args.threads),
+                "score-nodrift": lambda: run_score(args.model, array, out, args.batch_size, args.threads, False),
+                "raw": lambda: run_raw(args.model, array, args.batch_size, args.threads)}
+        runs["raw"]()  # warm the page cache and ORT once
+        for r in range(args.rounds):
+            for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                s = runs[name]()
+                times[name].append(s)
+                print(f"round {r} {name:13s} {s:6.2f} s  {n / s:8.0f} images/s", flush=True)
+    med = {k: n / float(np.median(v)) for k, v in times.items()}
+    print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {n} images, batch {args.batch_size}, "
+          f"{args.threads} thread(s), load average {tuple(round(x, 2) for x in os.getloadavg())}")
+    print("median images/s: " + ", ".join(f"{k} {v:.0f} ({v / med['raw']:.2f}× raw)" for k, v in med.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
