@@ -21,23 +21,34 @@ Body parsing and batching. The endpoints are a FastAPI router mounted on the ser
 (``@bentoml.asgi_app``) whose handlers take the raw Starlette request: the body is read with a byte limit,
 parsed with orjson straight into numpy (no pydantic model of a nested list, which is most of the CPU of a
 typed ``np.ndarray`` endpoint) and validated here, so every problem is a 4xx naming it. FastAPI only
-contributes routing and the OpenAPI description (merged by BentoML into ``/docs.json``). There is no adaptive
-batching: each request's array is one ONNX Runtime call (a request is already a batch of up to
-``ADAPTSERVE_MAX_IMAGES`` images), run together with the parsing in a worker thread so the event loop never
-parses or computes.
+contributes routing and the OpenAPI description (merged by BentoML into ``/docs.json``). By default each
+request's array is one ONNX Runtime call (a request is already a batch of up to ``ADAPTSERVE_MAX_IMAGES``
+images): small bodies are handled on the event loop, larger ones in a worker thread.
+
+Adaptive batching (``ADAPTSERVE_BATCHING=on``, off by default) is BentoML's own: the router still parses and
+validates, then hands the input-spec uint8 array to :class:`Batcher`, a ``batchable=True`` API in a
+``bentoml.depends`` service, which merges concurrent calls into one ORT call. It runs in its own process, so
+every request pays an extra inter-process HTTP call; on CPU that costs more than merging saves
+(docs/benchmarks.md §5, docs/serving.md), so it is meant for GPU workers, where one large call beats many
+small ones.
 
 Drift. Each predicted image appends its discriminator score, softmax and features to a buffer; every full
 window of W images (W = the window the model's thresholds were calibrated for) is checked on a single
-background thread, off the request path. At most ``MAX_PENDING_WINDOWS`` windows wait for a check; windows
-beyond that are dropped and counted (``windows_skipped``), so a flood of traffic cannot queue unbounded work.
-State is per worker process (one worker by default).
+background thread, off the request path, within a time budget (``ADAPTSERVE_DRIFT_BUDGET``, see
+:class:`DriftMonitor`). At most ``MAX_PENDING_WINDOWS`` windows wait for a check; windows beyond that, or
+arriving during the budget's cool-down, are dropped and counted (``windows_skipped``), so a flood of traffic
+cannot queue unbounded work. State is per worker process (one worker by default).
 
 Environment: ``ADAPTSERVE_MODEL`` (store tag or exported folder; default ``adaptserve-dann:latest``),
 ``ADAPTSERVE_DEVICE`` (auto/cpu/cuda), ``ADAPTSERVE_THREADS`` (ORT intra-op threads, 0 = ORT's choice),
 ``ADAPTSERVE_MAX_IMAGES`` (default 1024 per request), ``ADAPTSERVE_MAX_BYTES`` (default 64 MiB per body),
 ``ADAPTSERVE_DRIFT_WINDOW`` (must equal the model's W if set: the thresholds are calibrated for that W, so
 another value is refused at start-up rather than silently mis-calibrated), ``ADAPTSERVE_API_KEY`` (when
-set, every route except the health, metrics and docs routes needs ``Authorization: Bearer <key>``).
+set, every route except the health, metrics and docs routes needs ``Authorization: Bearer <key>``),
+``ADAPTSERVE_DRIFT`` (on/off, default on), ``ADAPTSERVE_DRIFT_BUDGET`` (default 0.05), ``ADAPTSERVE_BATCHING``
+(on/off, default off), ``ADAPTSERVE_BATCH_MAX_SIZE`` (images per merged call, default 256),
+``ADAPTSERVE_BATCH_MAX_LATENCY_MS`` (default 60000: generous, since BentoML answers 503 to requests it
+predicts will miss it). The batching variables are read at import, as they decide the service graph.
 """
 
 from __future__ import annotations
@@ -88,6 +99,7 @@ _refuse_a_tampered_model()
 DEFAULT_MAX_IMAGES = 1024
 DEFAULT_MAX_BYTES = 64 << 20
 MAX_PENDING_WINDOWS = 4
+DEFAULT_DRIFT_BUDGET = 0.05
 # Bodies up to this size (a few images) are parsed and run on the event loop: that takes less time than the
 # hop to a worker thread. Larger ones (a 64-image JSON body parses for tens of ms) go to the thread pool.
 INLINE_MAX_BYTES = 64 << 10
@@ -312,7 +324,7 @@ def metrics() -> dict:
                 "checks": Counter("adaptserve_drift_checks_total", "drift checks run (windows of W images)"),
                 "alarms": Counter("adaptserve_drift_alarms_total", "drift checks that alarmed"),
                 "skipped": Counter("adaptserve_drift_windows_skipped_total",
-                                   "full windows dropped because too many checks were pending"),
+                                   "full windows not checked: too many checks pending, or within the check budget"),
                 "fill": Gauge("adaptserve_drift_window_fill", "images in the current, not yet full window",
                               multiprocess_mode="mostrecent"),
                 "seconds": Histogram("adaptserve_drift_check_seconds", "time of one drift check",
@@ -324,11 +336,21 @@ def metrics() -> dict:
 # ---------------------------------------------------------------- drift monitor
 
 class DriftMonitor:
-    """Buffers model outputs and checks every full window of W images on one background thread."""
+    """Buffers model outputs and checks full windows of W images on one background thread.
 
-    def __init__(self, reference, model_tag: str, max_pending: int = MAX_PENDING_WINDOWS):
+    ``budget`` caps the checks' share of time: after a check that took t seconds, windows that fill up in
+    the next t·(1/budget − 1) seconds are skipped (counted in ``windows_skipped``), so at most ~``budget`` of
+    one core goes to drift checks however heavy the traffic. At the default 5 % and a check of ~15 ms,
+    every window is checked up to a few hundred images/s; above that, windows are sampled.
+    """
+
+    def __init__(self, reference, model_tag: str, max_pending: int = MAX_PENDING_WINDOWS,
+                 budget: float = DEFAULT_DRIFT_BUDGET):
+        if not 0 < budget <= 1:
+            raise ValueError(f"the drift check budget must be in (0, 1], got {budget}")
         self.ref, self.model_tag, self.window = reference, model_tag, reference.window
-        self.max_pending = max_pending
+        self.max_pending, self.budget = max_pending, budget
+        self._next_check_at = 0.0  # time.monotonic() before which new windows are skipped
         self._lock = threading.Lock()
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._n = 0
@@ -361,8 +383,9 @@ class DriftMonitor:
                 rest = tuple(c[full:] for c in cols)
                 self._parts, self._n = ([rest] if len(rest[0]) else []), self._n - full
             submit = []
+            cooling = time.monotonic() < self._next_check_at
             for w in windows:
-                if self._pending >= self.max_pending:
+                if self._pending >= self.max_pending or cooling:
                     self.windows_skipped += 1
                     self.m["skipped"].inc()
                 else:
@@ -385,6 +408,7 @@ class DriftMonitor:
         seconds = time.perf_counter() - t0
         tests = format_drift(result, self.ref)
         with self._lock:
+            self._next_check_at = time.monotonic() + seconds * (1 / self.budget - 1)
             self._pending -= 1
             self.windows_checked += 1
             self.alarms += bool(result["drift"])
@@ -495,6 +519,23 @@ def _ok(schema: dict) -> dict:
 api = FastAPI(title="adaptserve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the JSON path (once the service is loaded).
+
+    Parsing a 64-image JSON body allocates ~70k lists; with Python's default thresholds each of them
+    triggers collections that walk every object the worker has loaded (BentoML, FastAPI, OpenTelemetry,
+    ...). Freezing the start-up objects and collecting the youngest generation every 50k allocations
+    instead of 700 made :func:`parse_images` ≈ 3× cheaper in CPU (78 → 24 ms per 64-image body, measured
+    in-process; benchmarks/serve_throughput.py has the end-to-end numbers). Parsed bodies are freed by
+    reference counting, so memory does not grow.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def open_model(bento_model=None) -> tuple[Model, str]:
     """The model named by ``ADAPTSERVE_MODEL`` (a folder, or the service's BentoModel) and its tag."""
     device = os.environ.get("ADAPTSERVE_DEVICE", "auto")
@@ -556,7 +597,9 @@ class AdaptService:
         if window != ref.window:
             raise ValueError(f"ADAPTSERVE_DRIFT_WINDOW={window}, but the drift thresholds of {self.tag} are calibrated "
                              f"for windows of {ref.window} images; re-export with another window instead")
-        self.monitor = DriftMonitor(ref, self.tag) if _env_flag("ADAPTSERVE_DRIFT", True) else None
+        budget = float(os.environ.get("ADAPTSERVE_DRIFT_BUDGET", "").strip() or DEFAULT_DRIFT_BUDGET)
+        self.monitor = DriftMonitor(ref, self.tag, budget=budget) if _env_flag("ADAPTSERVE_DRIFT", True) else None
+        tune_gc()
         self.classes = np.array(self.model.classes, dtype=object)
         log.info("adaptserve: model %s (%s) on %s, drift checks %s, adaptive batching %s, opened in %.2f s",
                  self.tag, self.model.input_spec, self.model.providers,

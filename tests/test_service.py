@@ -102,7 +102,8 @@ def servers(model, tmp_path_factory):
     limits = {"ADAPTSERVE_MAX_IMAGES": MAX_IMAGES, "ADAPTSERVE_MAX_BYTES": MAX_BYTES, "ADAPTSERVE_THREADS": 1}
     started = []
     try:
-        started.append(Server(model["tag"], logs / "open.log", **limits))
+        # budget 1: every window is checked (the drift test below posts windows back to back)
+        started.append(Server(model["tag"], logs / "open.log", ADAPTSERVE_DRIFT_BUDGET=1, **limits))
         started.append(Server(model["tag"], logs / "keyed.log", ADAPTSERVE_API_KEY=KEY, ADAPTSERVE_DRIFT="off", **limits))
         started.append(Server(model["tag"], logs / "batching.log", ADAPTSERVE_BATCHING="on", **limits))
         for s in started:
@@ -354,6 +355,26 @@ def test_batching_merges_concurrent_calls_and_feeds_the_drift_monitor(servers, i
     after = c.get("/drift").json()
     windows = lambda d: d["windows_checked"] + d["windows_pending"] + d["windows_skipped"]  # noqa: E731
     assert (windows(after) - windows(before)) * after["window_size"] + after["n_in_window"] - before["n_in_window"] == 96
+
+
+def test_the_drift_budget_skips_windows_that_arrive_during_its_cool_down(model, images):
+    from service.service import DriftMonitor
+
+    rt = model["runtime"]
+    pred = rt.predict(images["held_out"][:200])
+    out = (pred.p_target, pred.probabilities, pred.features)
+    for budget, checked in [(1.0, 5), (0.001, 1)]:  # 0.1 %: a check of ≥ 1 ms cools down for ≥ 1 s
+        m = DriftMonitor(rt.drift_reference, "t", budget=budget)
+        try:
+            for _ in range(5):
+                m.add(*out)
+                assert m.wait_idle()
+            s = m.status()
+            assert (s["windows_checked"], s["windows_skipped"]) == (checked, 5 - checked), (budget, s)
+        finally:
+            m.close()
+    with pytest.raises(ValueError, match="budget"):
+        DriftMonitor(rt.drift_reference, "t", budget=0)
 
 
 def test_drift_checks_can_be_switched_off(servers, images):
