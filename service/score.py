@@ -18,7 +18,10 @@ no prediction; the run goes on and the count is printed on stderr.
 
 The drift report ``FILE.drift.json`` holds the three tests of :meth:`service.drift.DriftReference.check` on
 every consecutive, non-overlapping window of W scored images (W = the window the model's thresholds are
-calibrated for; a tail shorter than W is not tested), and a summary: the fraction of windows that alarmed.
+calibrated for; a tail shorter than W is not tested), and a summary: the fraction of windows that alarmed
+and ``whole_set``, a binomial test of the number of alarmed windows against α (the per-window false-alarm
+rate): ``is_drift`` when ``P(Binomial(n, α) ≥ alarmed) ≤ α``. Windows are consecutive, so the input should be in
+random order (sorted by class, a window holds few classes and the softmax tests rightly call that label shift).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from scipy.stats import binom
 
 from service.drift import TESTS
 from service.preprocess import ImageError, decode_image, to_input_spec
@@ -52,15 +56,22 @@ def drift_tests(result: dict, ref) -> list[dict]:
     """One entry per test of a :meth:`DriftReference.check` result: name, statistic, p-value, threshold.
 
     The KS tests alarm when ``p_value < threshold`` (α/3); the MMD test when ``statistic > threshold``
-    (the calibrated MMD² quantile) — ``threshold_on`` says which.
+    (the calibrated MMD² quantile) — ``threshold_on`` says which. Effect sizes beside the statistic:
+    ``mean_p_target_shift`` (discriminator KS: window mean of P(target) minus the reference's) and
+    ``class_index`` (softmax KS: the class whose KS p-value is smallest).
     """
     out = []
     for name in TESTS:
         r = result[name]
         mmd = name == "mmd_pca"
-        out.append({"name": name, "statistic": float(r["statistic"]), "p_value": float(r["p_value"]),
-                    "threshold": float(r["threshold"] if mmd else ref.alpha_per_test),
-                    "threshold_on": "statistic" if mmd else "p_value", "is_drift": bool(r["alarm"])})
+        entry = {"name": name, "statistic": float(r["statistic"]), "p_value": float(r["p_value"]),
+                 "threshold": float(r["threshold"] if mmd else ref.alpha_per_test),
+                 "threshold_on": "statistic" if mmd else "p_value", "is_drift": bool(r["alarm"])}
+        if "mean_p_target_shift" in r:
+            entry["mean_p_target_shift"] = float(r["mean_p_target_shift"])
+        if "class" in r:
+            entry["class_index"] = int(r["class"])
+        out.append(entry)
     return out
 
 
@@ -261,11 +272,15 @@ class WindowDrift:
         alarmed = sum(r["is_drift"] for r in self.results)
         per_test = {t: (sum(any(x["name"] == t and x["is_drift"] for x in r["tests"]) for r in self.results) / n
                         if n else None) for t in TESTS}
+        # the whole input: are more windows alarmed than chance allows? P(Binomial(n, α) ≥ alarmed)
+        p_all = float(binom.sf(alarmed - 1, n, self.ref.alpha)) if n else None
         return {"model": model_tag, "window_size": self.window, "alpha": self.ref.alpha,
                 "alpha_per_test": self.ref.alpha_per_test, "n_images": n_images, "n_windows": n,
                 "n_untested_tail": self._n, "n_windows_alarmed": alarmed,
                 "fraction_windows_alarmed": (alarmed / n) if n else None,
                 "fraction_windows_alarmed_per_test": per_test,
+                "whole_set": {"test": "binomial: alarmed windows against the per-window false-alarm rate alpha",
+                              "p_value": p_all, "is_drift": bool(n) and p_all <= self.ref.alpha},
                 "note": None if n else f"fewer than {self.window} images were scored: no window was tested",
                 "windows": self.results}
 

@@ -99,7 +99,13 @@ def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, t
         assert [t["name"] for t in w["tests"]] == ["ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"]
         for t in w["tests"]:
             assert t["p_value"] == pytest.approx(e[t["name"]]["p_value"]) and t["is_drift"] == e[t["name"]]["alarm"]
+        effects = {t["name"]: t for t in w["tests"]}
+        assert effects["ks_discriminator"]["mean_p_target_shift"] == pytest.approx(e["ks_discriminator"]["mean_p_target_shift"])
+        assert effects["ks_softmax_bonferroni"]["class_index"] == e["ks_softmax_bonferroni"]["class"]
     assert report["fraction_windows_alarmed"] == sum(e["drift"] for e in expected) / 2
+    k = sum(e["drift"] for e in expected)  # in-distribution: P(Binomial(2, 0.01) ≥ k)
+    assert report["whole_set"]["p_value"] == pytest.approx([1.0, 1 - 0.99 ** 2, 0.01 ** 2][k])
+    assert report["whole_set"]["is_drift"] == (k == 2)
     assert set(report["fraction_windows_alarmed_per_test"]) == {"ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"}
 
 
@@ -115,6 +121,7 @@ def test_npy_grey_images_and_inverted_images_alarm(model, target, tmp_path, caps
     assert len(rows) == 400 and list(rows[0]) == ["index", "label", "class_index", "confidence", "error"]
     report = json.loads((tmp_path / "inv.csv.drift.json").read_text())
     assert report["n_windows"] == 2 and report["fraction_windows_alarmed"] == 1.0
+    assert report["whole_set"]["is_drift"] and report["whole_set"]["p_value"] == pytest.approx(0.01 ** 2)
 
     grey = tmp_path / "grey.npy"
     np.save(grey, np.zeros((3, 28, 28), np.uint8))  # (N,H,W) grey, other size → input spec
