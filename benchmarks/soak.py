@@ -89,20 +89,22 @@ def make_kinds(h: int, w: int, c: int, seed: int = 0) -> dict:
     }
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` and all its descendants (BentoML's arbiter and workers)."""
+def tree_rss(pid: int, per_process: bool = False):
+    """Resident bytes of process ``pid`` and all its descendants (BentoML's arbiter and workers); with
+    ``per_process``, {"<pid> <role>": MiB} instead."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {} if per_process else 0
+    sizes = {}
     for p in procs:
         try:
-            total += p.memory_info().rss
+            role = "worker" if "--worker-id" in p.cmdline() else ("bentoml serve" if p.pid == pid else p.name())
+            sizes[f"{p.pid} {role}"] = p.memory_info().rss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return {k: round(v / 2**20, 1) for k, v in sizes.items()} if per_process else sum(sizes.values())
 
 
 async def soak(url: str, kinds: dict, duration: float, concurrency: int, seed: int) -> dict:
@@ -123,7 +125,7 @@ async def soak(url: str, kinds: dict, duration: float, concurrency: int, seed: i
                 r = await c.request(method, path, **kw)
             except httpx.HTTPError as e:
                 counts[name]["transport_error"] += 1
-                failures.append({"kind": name, "error": f"{type(e).__name__}: {e}"})
+                failures.append({"kind": name, "error": f"{type(e).__name__}: {e}", "at_s": round(duration - deadline + time.monotonic(), 1)})
                 continue
             dt = time.perf_counter() - t0
             counts[name][r.status_code] += 1
@@ -133,9 +135,12 @@ async def soak(url: str, kinds: dict, duration: float, concurrency: int, seed: i
             if ok and expected == 200:
                 latencies.append(dt)
             if not ok:
-                failures.append({"kind": name, "status": r.status_code, "body": r.text[:300]})
+                failures.append({"kind": name, "status": r.status_code, "body": r.text[:300],
+                                 "at_s": round(duration - deadline + time.monotonic(), 1)})
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle pooled connections expire on the client before uvicorn's 5 s keep-alive closes them: with both at 5 s
+    # (httpx's default) a request can go out on a connection the server is closing → ReadError (a known race).
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as c:
         await asyncio.gather(*(client(i, c) for i in range(concurrency)))
     lat = np.array(latencies) * 1000
@@ -153,6 +158,7 @@ async def sample_rss(pid: int, every: float, until: float, out: list) -> None:
 
 async def run(url: str, pid: int, kinds: dict, args) -> dict:
     samples: list = [(0.0, tree_rss(pid))]
+    per_process_start = tree_rss(pid, per_process=True)
     until = time.monotonic() + args.duration
     sampler = asyncio.create_task(sample_rss(pid, args.rss_every, until, samples))
     t0 = time.perf_counter()
@@ -160,7 +166,8 @@ async def run(url: str, pid: int, kinds: dict, args) -> dict:
     wall = time.perf_counter() - t0
     sampler.cancel()
     samples.append((round(wall, 1), tree_rss(pid)))
-    result.update(wall_s=wall, rss_samples=samples)
+    result.update(wall_s=wall, rss_samples=samples, rss_mib_per_process={"start": per_process_start,
+                                                                        "end": tree_rss(pid, per_process=True)})
     return result
 
 
@@ -187,6 +194,7 @@ def summarize(result: dict, kinds: dict, args, log: Path, load: tuple) -> dict:
         "latency_ms_valid": result["latency_ms_valid"],
         "rss_mib": {"start": rss[0] / 2**20, "end": rss[-1] / 2**20, "max": max(rss) / 2**20, "min": min(rss) / 2**20},
         "rss_samples_mib": [(t, round(b / 2**20, 1)) for t, b in result["rss_samples"]],
+        "rss_mib_per_process": result["rss_mib_per_process"],
         "tracebacks_in_server_log": log_text.count("Traceback"),
         "first_failures": fails[:10], "per_kind": counts,
     }
