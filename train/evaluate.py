@@ -17,6 +17,10 @@ import torch
 from train.data import Dataset
 
 
+class TrainingDiverged(ValueError):
+    """The weights became non-finite; a user-fixable setting (lr, λ) — the CLI prints it as one line."""
+
+
 @torch.no_grad()
 def predict(model, images: np.ndarray | torch.Tensor, device: torch.device, batch_size: int = 500):
     """Run ``model`` (a :class:`train.models.DANN`) in eval mode → (probs, features, p_target) as numpy."""
@@ -68,6 +72,11 @@ def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed
     """All eval metrics for ``source`` (labelled) and ``target`` (labels optional)."""
     ps, fs, ds = predict(model, source.images, device)
     pt, ft, dt = predict(model, target.images, device)
+    if not all(np.isfinite(a).all() for a in (ps, fs, ds, pt, ft, dt)):
+        raise TrainingDiverged("training diverged: the model's outputs are NaN/inf at this evaluation (no "
+                               "checkpoint was written from it). Lower --lr, --lambda-max or --gamma and start "
+                               "again, or --resume from the last good checkpoints/last.pt with a lower --lr "
+                               "in its config.yaml")
     n = min(len(ds), len(dt))
     out = {
         "source_acc": accuracy(ps, source.labels),
