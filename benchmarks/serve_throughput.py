@@ -3,14 +3,17 @@
     ADAPTSERVE_DATA=../shared/data .venv/bin/python benchmarks/serve_throughput.py MODEL_FOLDER \\
         [--seconds 4] [--rounds 2] [--cold-starts 3] [--out results.json]
 
-MODEL_FOLDER is an exported model (``adaptserve export RUN_DIR --out MODEL_FOLDER``). Five servers run at
+MODEL_FOLDER is an exported model (``adaptserve export RUN_DIR --out MODEL_FOLDER``). The servers run at
 once on 127.0.0.1 (free ports), each with one process and one ONNX Runtime thread:
 
 - ``bare``      — benchmarks/bare_server.py: Starlette + uvicorn + one session of the same model.onnx;
 - ``service``   — ``bentoml serve service.service:AdaptService`` as shipped (drift checks on, batching off);
 - ``no-drift``  — the same with ``ADAPTSERVE_DRIFT=off``;
 - ``batching``  — the same with ``ADAPTSERVE_BATCHING=on`` (BentoML adaptive batching in a Batcher service);
-- ``no-access-log`` — the shipped service with BentoML's per-request access log switched off.
+- ``no-access-log`` — the shipped service with BentoML's per-request access log switched off;
+- ``batching-1s`` — batching with ``max_latency_ms`` 1000 instead of BentoML's default 60000.
+
+The first four run by default; ``--kinds`` picks others.
 
 For every payload (one image / 64 images, as JSON and as .npy; MNIST-M test images, 32×32×3 uint8) and
 concurrency (1, 32), each server gets ``--seconds`` of closed-loop load from a minimal keep-alive HTTP/1.1
@@ -47,7 +50,9 @@ KINDS = {
     "no-drift": {"ADAPTSERVE_DRIFT": "off"},
     "batching": {"ADAPTSERVE_BATCHING": "on"},
     "no-access-log": {"BENTOML_CONFIG_OPTIONS": "services.adaptserve.logging.access.enabled=false"},
+    "batching-1s": {"ADAPTSERVE_BATCHING": "on", "ADAPTSERVE_BATCH_MAX_LATENCY_MS": "1000"},
 }
+DEFAULT_KINDS = ["bare", "service", "no-drift", "batching"]
 
 
 def free_port() -> int:
@@ -194,7 +199,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=4.0, help="load per server, cell and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    ap.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=list(KINDS))
     ap.add_argument("--payloads", nargs="+", default=None, help="subset of payload names (default: all four)")
     ap.add_argument("--cold-starts", type=int, default=3)
     ap.add_argument("--data-dir", default=os.environ.get("ADAPTSERVE_DATA", str(ROOT.parent / "shared" / "data")))

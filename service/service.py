@@ -640,14 +640,22 @@ class AdaptService:
 
         import aiohttp
 
+        from bentoml.exceptions import BentoMLException
+
         for attempt in range(BATCHER_RETRIES + 1):
             try:
                 out = await asyncio.wait_for(self.batcher.to_async.infer(prepared), BATCHER_TIMEOUT_S)
                 break
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:  # also ServerDisconnectedError
-                if attempt == BATCHER_RETRIES:
+            except BentoMLException as e:
+                if getattr(e, "error_code", None) == 503:  # the dispatcher predicted a miss of max_latency_ms
+                    raise HTTPError(503, "overloaded: the batch queue would exceed ADAPTSERVE_BATCH_MAX_LATENCY_MS; "
+                                         "retry later") from None
+                raise
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, RuntimeError) as e:
+                # RuntimeError: aiohttp's "Connection closed." when the pool is recycled mid-read
+                if attempt == BATCHER_RETRIES or (isinstance(e, RuntimeError) and "Connection closed" not in str(e)):
                     raise
-                log.warning("batcher call failed (%s), retrying (attempt %d)", e.__class__.__name__, attempt + 1)
+                log.debug("batcher call failed (%s), retrying (attempt %d)", e.__class__.__name__, attempt + 1)
         return self._result(*unpack(out, len(self.classes)))
 
     def _predict_body(self, body: bytes, content_type: str) -> bytes:
