@@ -107,7 +107,7 @@ DEFAULT_BATCH_MAX_SIZE = 256
 DEFAULT_BATCH_MAX_LATENCY_MS = 60_000
 NPY_TYPES = ("application/x-npy", "application/npy", "application/octet-stream")
 # Routes that stay open when ADAPTSERVE_API_KEY is set (health, metrics, API description, BentoML's UI).
-OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/")
+OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json", "/")
 OPEN_PREFIXES = ("/static_content/", "/assets/")
 
 
@@ -741,6 +741,15 @@ async def drift_route(request: Request):
 @api.get("/model", summary="the model's manifest", responses={**_ok({"type": "object"}), 401: _ERROR})
 async def model_info_route(request: Request):
     return await bentoml.get_current_service().model_info(request)
+
+
+
+@api.get("/docs", include_in_schema=False)
+async def docs_route(request: Request):
+    """BentoML serves its Swagger UI at ``/`` (from ``/docs.json``); ``/docs`` is where users look for it."""
+    from starlette.responses import RedirectResponse
+
+    return RedirectResponse("/")
 
 
 AdaptService.add_asgi_middleware(ApiKeyMiddleware)

@@ -245,6 +245,8 @@ def test_model_and_docs(servers, model):
     m = c.get("/model").json()
     assert m["tag"] == model["tag"] and m["providers"] == ["CPUExecutionProvider"]
     assert {k: v for k, v in m.items() if k not in ("tag", "providers")} == model["runtime"].manifest
+    r = c.get("/docs", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/" and c.get("/").status_code == 200  # Swagger UI
     paths = c.get("/docs.json").json()["paths"]
     assert {"/predict", "/classify", "/drift", "/model", "/livez", "/readyz", "/metrics"} <= set(paths)
     assert "post" in paths["/predict"] and "application/x-npy" in paths["/predict"]["post"]["requestBody"]["content"]
@@ -404,8 +406,8 @@ def test_api_key(servers, images):
             assert r.status_code == 401 and message in r.json()["error"], (path, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
         assert call(good).status_code == 200, path
-    for path in ("/livez", "/readyz", "/metrics", "/docs.json"):
-        assert k.get(path).status_code == 200, path
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/docs"):
+        assert k.get(path, follow_redirects=True).status_code == 200, path
     assert post_npy(o, x).status_code == 200 and o.get("/drift").status_code == 200  # no key configured: open
 
 
