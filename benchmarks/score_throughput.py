@@ -14,6 +14,8 @@ Per round, in alternating order:
   window of 200);
 - **score, no drift** — the same with the drift windows switched off (:class:`service.score.WindowDrift` collects
   nothing), to show what the drift checks cost;
+- **score, no spin** / **raw, no spin** — the same with ONNX Runtime's ``session.intra_op.allow_spinning`` set
+  to 0 (its pool threads sleep between runs instead of spinning; ``service/runtime.py`` does not set this today);
 - **raw** — the loop a user would write: one ``onnxruntime.InferenceSession`` on ``model.onnx`` with the same
   intra-op threads, ``np.load(mmap_mode="r")``, ``session.run(["probabilities"], ...)`` per batch of B, argmax,
   and nothing written.
@@ -40,10 +42,24 @@ sys.path.insert(0, str(ROOT))
 
 import adaptserve  # noqa: E402
 from service import score as score_mod  # noqa: E402
+from service import runtime  # noqa: E402
 from service.runtime import session  # noqa: E402
 
 
 WINDOW_DRIFT = score_mod.WindowDrift
+SESSION = runtime.session
+
+
+def session_no_spin(path, device: str = "auto", threads: int = 0):
+    """:func:`service.runtime.session` with the intra-op pool's spin-waiting turned off."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=so, providers=runtime.providers(device))
 
 
 class NoDrift(score_mod.WindowDrift):
@@ -63,22 +79,24 @@ def make_array(path: Path, n: int, data_dir) -> None:
     np.save(path, np.ascontiguousarray(images[:n]))
 
 
-def run_score(model: Path, array: Path, out: Path, batch: int, threads: int, drift: bool = True) -> float:
+def run_score(model: Path, array: Path, out: Path, batch: int, threads: int, drift: bool = True,
+              spin: bool = True) -> float:
     score_mod.WindowDrift = WINDOW_DRIFT if drift else NoDrift
+    runtime.session = SESSION if spin else session_no_spin
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         code = adaptserve.main(["score", str(model), str(array), "--out", str(out), "--batch-size", str(batch),
                                 "--threads", str(threads), "--no-progress"])
     seconds = time.perf_counter() - t0
-    score_mod.WindowDrift = WINDOW_DRIFT
+    score_mod.WindowDrift, runtime.session = WINDOW_DRIFT, SESSION
     if code != 0:
         raise SystemExit(f"adaptserve score exited with {code}")
     return seconds
 
 
-def run_raw(model: Path, array: Path, batch: int, threads: int) -> float:
+def run_raw(model: Path, array: Path, batch: int, threads: int, spin: bool = True) -> float:
     t0 = time.perf_counter()
-    sess = session(model / "model.onnx", "cpu", threads)
+    sess = (session if spin else session_no_spin)(model / "model.onnx", "cpu", threads)
     x = np.load(array, mmap_mode="r")
     labels = np.empty(len(x), np.int64)
     for i in range(0, len(x), batch):
@@ -101,12 +119,14 @@ def main(argv=None) -> int:
     if not array.exists():
         make_array(array, args.n, args.data_dir)
     n = len(np.load(array, mmap_mode="r"))
-    times = {"score": [], "score-nodrift": [], "raw": []}
+    times = {"score": [], "score-nodrift": [], "score-nospin": [], "raw": [], "raw-nospin": []}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "scores.csv"
         runs = {"score": lambda: run_score(args.model, array, out, args.batch_size, args.threads),
                 "score-nodrift": lambda: run_score(args.model, array, out, args.batch_size, args.threads, False),
-                "raw": lambda: run_raw(args.model, array, args.batch_size, args.threads)}
+                "score-nospin": lambda: run_score(args.model, array, out, args.batch_size, args.threads, spin=False),
+                "raw": lambda: run_raw(args.model, array, args.batch_size, args.threads),
+                "raw-nospin": lambda: run_raw(args.model, array, args.batch_size, args.threads, spin=False)}
         runs["raw"]()  # warm the page cache and ORT once
         for r in range(args.rounds):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
