@@ -176,3 +176,44 @@ def test_output_formats_and_errors(model, target, tmp_path, capsys):
     assert code == 2 and "not a readable .npz" in stderr
     code, _, stderr = run_cli(capsys, "no-such-model:latest", tmp_path / "t.npz", "--out", tmp_path / "s.csv")
     assert code == 2 and "no model" in stderr
+
+
+class _FakeReference:
+    """A DriftReference stand-in with W = 3: a window alarms when its first score is ≥ 6, raises when < 0."""
+
+    window, alpha, alpha_per_test = 3, 0.01, 0.01 / 3
+
+    def check(self, p_target, probabilities, features):
+        if p_target[0] < 0:
+            raise ValueError("check failed")
+        alarm = bool(p_target[0] >= 6)
+        r = {"statistic": float(p_target[0]), "p_value": 0.0 if alarm else 1.0, "alarm": alarm}
+        return {"ks_discriminator": r, "ks_softmax_bonferroni": r, "mmd_pca": {**r, "threshold": 5.0}, "drift": alarm}
+
+
+def test_window_drift_on_its_worker_thread_keeps_order_and_raises_check_errors():
+    from service.score import WindowDrift
+
+    def feed(drift, values, sizes):
+        values, i = np.asarray(values, np.float32), 0
+        for n in sizes:  # batches that do not line up with the windows
+            drift.add(values[i:i + n], np.zeros((n, 2)), np.zeros((n, 4)))
+            i += n
+
+    drift = WindowDrift(_FakeReference())
+    feed(drift, range(10), [2, 5, 1, 2])
+    report = drift.report("m", 10)
+    assert [(w["start"], w["end"], w["is_drift"]) for w in report["windows"]] == [(0, 3, False), (3, 6, False), (6, 9, True)]
+    assert [w["tests"][0]["statistic"] for w in report["windows"]] == [0.0, 3.0, 6.0]
+    assert report["n_untested_tail"] == 1 and report["n_windows_alarmed"] == 1
+    assert report["whole_set"]["p_value"] == pytest.approx(1 - 0.99 ** 3) and not report["whole_set"]["is_drift"]
+
+    drift = WindowDrift(_FakeReference())  # a failing check surfaces in report() ...
+    feed(drift, [0, 1, 2, -1, 0, 0], [3, 3])
+    with pytest.raises(ValueError, match="check failed"):
+        drift.report("m", 6)
+    drift.shutdown()
+    drift = WindowDrift(_FakeReference())  # ... or in add(), once more than MAX_PENDING windows wait
+    with pytest.raises(ValueError, match="check failed"):
+        feed(drift, [-1, 0, 0] + [0] * 3 * WindowDrift.MAX_PENDING, [3] * (WindowDrift.MAX_PENDING + 1))
+    drift.shutdown()
