@@ -188,6 +188,18 @@ def test_train_disk_full_leaves_no_checkpoint(tmp_path):
         json.loads(line)  # what was written is whole
 
 
+def test_resume_drops_a_metrics_line_cut_short_by_a_full_disk(tmp_path):
+    from train.loop import JsonlLog
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s}) for s in (10, 20, 30)]
+    path.write_text("\n".join(lines) + "\n" + '{"kind": "eval", "step": 3')  # the last write was cut short
+    log = JsonlLog(path, resume_step=20)
+    log.write({"kind": "train", "step": 30})
+    log.close()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [10, 20, 30]
+
+
 def test_train_out_below_a_file(a_file):
     r = adaptserve(*TRAIN, "--out", a_file / "run")
     assert_one_line_error(r, "train", "Not a directory", str(a_file))

@@ -76,13 +76,22 @@ def param_groups(model, arch, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
+def _step(line: str, default: int) -> int:
+    """The ``step`` of one metrics.jsonl line; ``default`` for a line that is not a whole JSON record."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return default
+
+
 class JsonlLog:
-    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped, and so is a
+    line cut short by a crash or a full disk (the run can resume once there is room again)."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if _step(ln, default=resume_step + 1) <= resume_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in keep))
             os.replace(tmp, path)
