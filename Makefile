@@ -3,8 +3,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 OUT    ?= demo_out
+MODEL  ?= adaptserve-demo:latest
 
-.PHONY: demo test venv clean
+.PHONY: demo test soak venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +23,11 @@ demo: venv
 ## make test: the test suite (CPU, a few minutes).
 test: venv
 	$(BIN)/python -m pytest -q
+
+## make soak: 5 minutes of mixed valid and invalid requests (concurrency 64) against bentoml serve on
+## 127.0.0.1 — the model of `make demo` unless MODEL=tag; results: docs/benchmarks.md §8.
+soak: venv
+	$(BIN)/python benchmarks/soak.py --model $(MODEL) --duration 300 --concurrency 64
 
 clean:
 	rm -rf $(OUT) .pytest_cache
