@@ -338,10 +338,12 @@ def metrics() -> dict:
 class DriftMonitor:
     """Buffers model outputs and checks full windows of W images on one background thread.
 
-    ``budget`` caps the checks' share of time: after a check that took t seconds, windows that fill up in
-    the next t·(1/budget − 1) seconds are skipped (counted in ``windows_skipped``), so at most ~``budget`` of
-    one core goes to drift checks however heavy the traffic. At the default 5 % and a check of ~15 ms,
-    every window is checked up to a few hundred images/s; above that, windows are sampled.
+    ``budget`` caps the checks' share of time: after a check that took t seconds, the next check starts no
+    sooner than t·(1/budget − 1) seconds later, so at most ~``budget`` of one core goes to drift checks
+    however heavy the traffic. Windows that fill up during that cool-down are not all dropped: the most
+    recent one is kept and checked when the cool-down ends (older ones are counted in ``windows_skipped``),
+    so the status after a burst always reflects the burst's last window. At the default 5 % and a check of
+    ~15 ms, every window is checked up to a few hundred images/s; above that, windows are sampled.
     """
 
     def __init__(self, reference, model_tag: str, max_pending: int = MAX_PENDING_WINDOWS,
@@ -355,6 +357,7 @@ class DriftMonitor:
         self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._n = 0
         self._pending = 0
+        self._deferred = None  # the latest window that filled during the cool-down, checked when it ends
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="adaptserve-drift")
         self.windows_checked = self.windows_skipped = self.alarms = 0
         self.last: dict | None = None
@@ -382,10 +385,18 @@ class DriftMonitor:
                 windows = [tuple(c[i:i + self.window] for c in cols) for i in range(0, full, self.window)]
                 rest = tuple(c[full:] for c in cols)
                 self._parts, self._n = ([rest] if len(rest[0]) else []), self._n - full
-            submit = []
+            submit, defer = [], False
             cooling = time.monotonic() < self._next_check_at
             for w in windows:
-                if self._pending >= self.max_pending or cooling:
+                if cooling and self._pending < self.max_pending or self._deferred is not None:
+                    if self._deferred is not None:  # a newer window replaces the one waiting
+                        self.windows_skipped += 1
+                        self.m["skipped"].inc()
+                    else:
+                        self._pending += 1
+                        defer = True
+                    self._deferred = w
+                elif self._pending >= self.max_pending:
                     self.windows_skipped += 1
                     self.m["skipped"].inc()
                 else:
@@ -394,6 +405,18 @@ class DriftMonitor:
             self.m["fill"].set(self._n)
         for w in submit:
             self._executor.submit(self._check, w)
+        if defer:
+            self._executor.submit(self._check_deferred)
+
+    def _check_deferred(self) -> None:
+        """Wait out the cool-down, then check the most recent window that filled during it."""
+        with self._lock:
+            wait = self._next_check_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        with self._lock:
+            window, self._deferred = self._deferred, None
+        self._check(window)
 
     def _check(self, window) -> None:
         t0 = time.perf_counter()

@@ -359,22 +359,34 @@ def test_batching_merges_concurrent_calls_and_feeds_the_drift_monitor(servers, i
     assert (windows(after) - windows(before)) * after["window_size"] + after["n_in_window"] - before["n_in_window"] == 96
 
 
-def test_the_drift_budget_skips_windows_that_arrive_during_its_cool_down(model, images):
+def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, images):
     from service.service import DriftMonitor
 
     rt = model["runtime"]
-    pred = rt.predict(images["held_out"][:200])
-    out = (pred.p_target, pred.probabilities, pred.features)
-    for budget, checked in [(1.0, 5), (0.001, 1)]:  # 0.1 %: a check of ≥ 1 ms cools down for ≥ 1 s
-        m = DriftMonitor(rt.drift_reference, "t", budget=budget)
-        try:
-            for _ in range(5):
-                m.add(*out)
-                assert m.wait_idle()
-            s = m.status()
-            assert (s["windows_checked"], s["windows_skipped"]) == (checked, 5 - checked), (budget, s)
-        finally:
-            m.close()
+    outputs = lambda p: (p.p_target, p.probabilities, p.features)  # noqa: E731
+    held, shifted = outputs(rt.predict(images["held_out"][:200])), outputs(rt.predict(images["source"][:200]))
+    m = DriftMonitor(rt.drift_reference, "t", budget=1.0)  # no cool-down: every window is checked
+    try:
+        for _ in range(5):
+            m.add(*held)
+            assert m.wait_idle()
+        s = m.status()
+        assert (s["windows_checked"], s["windows_skipped"]) == (5, 0), s
+    finally:
+        m.close()
+    m = DriftMonitor(rt.drift_reference, "t", budget=0.02)  # cool-down = 49 × the last check's time
+    try:
+        m.add(*held)
+        assert m.wait_idle()
+        for _ in range(3):  # a burst during the cool-down: the first waits, the next ones replace it
+            m.add(*held)
+        m.add(*shifted)  # the burst's last window
+        assert m.wait_idle(timeout=60)
+        s = m.status()
+        assert (s["windows_checked"], s["windows_skipped"]) == (2, 3), s
+        assert s["status"] == "drift", s  # the status reflects the burst's last window, not a stale one
+    finally:
+        m.close()
     with pytest.raises(ValueError, match="budget"):
         DriftMonitor(rt.drift_reference, "t", budget=0)
 
