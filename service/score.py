@@ -164,6 +164,16 @@ def open_input(path: str | os.PathLike, classes: list[str], batch_size: int = DE
 
 # ---------------------------------------------------------------- outputs
 
+def check_out_parent(out: Path) -> None:
+    """Fail before any work when ``out`` cannot be created: its nearest existing ancestor must be a
+    writable folder (a regular file there, or no permission, would only fail after scoring)."""
+    parent = next(p for p in Path(out).absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ScoreError(f"--out {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ScoreError(f"--out {out}: no permission to write in {parent}")
+
+
 class Writer:
     """Rows to .csv / .jsonl / .parquet (by suffix), written batch by batch."""
 
@@ -320,6 +330,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     out = Path(out)
     if out.suffix.lower() not in FORMATS:
         raise ScoreError(f"--out {out}: the suffix must be one of {', '.join(FORMATS)}")
+    check_out_parent(out)
     t0 = time.perf_counter()
     model = model or Model.open(model_source, device=device, threads=threads)
     tag = model.tag or str(Path(model_source))
@@ -333,6 +344,8 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     from tqdm import tqdm
 
     bar = tqdm(total=source.n, unit="img", desc="scoring", disable=not progress, file=sys.stderr)
+    drift_path = out.with_name(out.name + ".drift.json")
+    writing = out
     try:
         for batch in source.batches:
             stacked, prep_errors = _prepare(model, batch.images)
@@ -359,13 +372,22 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
             if pred is not None:
                 drift.add(pred.p_target, pred.probabilities, pred.features)
             bar.update(len(batch.ids))
-        report = drift.report(tag, n_ok)
-    finally:
+        writer.close()
+        report, writing = drift.report(tag, n_ok), drift_path
+        drift_path.write_text(json.dumps(report, indent=2))
+    except BaseException as e:  # disk full, a bug, Ctrl-C: no half-written results are left behind
         drift.shutdown()
         bar.close()
-        writer.close()
-    drift_path = out.with_name(out.name + ".drift.json")
-    drift_path.write_text(json.dumps(report, indent=2))
+        try:
+            writer.close()
+        except OSError:
+            pass
+        out.unlink(missing_ok=True)
+        drift_path.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
+            raise OSError(e.errno, f"cannot write {writing}: {e.strerror}") from None
+        raise
+    bar.close()
     return {"model": tag, "input": str(input_path), "out": str(out), "drift_report": str(drift_path),
             "n_items": source.n, "n_scored": n_ok, "n_errors": n_err,
             "accuracy": (n_correct / n_labelled) if n_labelled else None, "n_labelled": n_labelled,
