@@ -1,20 +1,25 @@
 """Training throughput: our DANN loop vs. a re-implementation of fungtion/DANN's loop, side by side.
 
-    python benchmarks/train_throughput.py --steps 200 --repeats 2 --data-dir /work/shared/data
+    python benchmarks/train_throughput.py --steps 40 --warmup 10 --repeats 3 --data-dir /work/shared/data
 
-Both loops train MNIST → MNIST-M with batch 128 source + 128 target on the CPU at the same torch thread
-count; throughput is source+target images per second of training steps (no evaluation, no setup).
+Every loop trains MNIST → MNIST-M with batch 128 source + 128 target on the CPU at the same torch thread
+count (``--threads``); throughput is source+target images per second over ``--steps`` training steps
+after ``--warmup`` untimed ones (no evaluation, no set-up). Like for like: the same network at the same
+28×28×3 input on both sides (fungtion's ``CNNModel``; ours ``arch=dann_mnist_bn28``, the same layers).
 
-* reference: fungtion/DANN's ``CNNModel`` and training loop (Adam 1e-3, NLLLoss, a source forward and a
-  separate target forward per step), fed by torchvision-style per-item pipelines through
-  ``DataLoader(shuffle=True, num_workers=2, drop_last=True)``. MNIST-M items are PNG-encoded once at
-  setup and decoded per item with PIL, as the original reads PNG files. Timed after ``--warmup`` steps.
-* ours: ``train.loop.run`` with ``arch=dann_mnist_bn`` (same network shape, 32×32×3 input, one
-  concatenated source+target forward, uint8 tensors in memory). "ours" is the cumulative rate of the
-  last ``train`` record in ``metrics.jsonl`` (includes the first steps); "ours after warm-up" is the
-  rate between the records at steps ``--warmup`` and ``--steps``. The final eval is excluded.
+* reference: fungtion/DANN's ``train/main.py`` loop — Adam 1e-3, NLLLoss, a separate source and target
+  forward per step, the per-step buffer copy and loss read-outs — fed by torchvision-style per-item
+  pipelines through ``DataLoader(shuffle=True, num_workers=W)``, W = 8 as shipped and 2 (``--workers``).
+  MNIST-M items are PNG-encoded once at set-up and decoded per item with PIL, as the original reads PNG
+  files (from memory here, not disk: if anything this flatters the reference).
+* ours: ``train.loop.run`` (one concatenated source+target forward, SGD, uint8 tensors in memory, no
+  workers) for each option set in ``--variants`` (channels_last, cpu_bf16, compile; see VARIANTS); the
+  rate is read from ``metrics.jsonl`` between the records at steps ``warmup`` and ``warmup + steps``.
+* data feed only (``--feed-steps``): both reference DataLoaders iterated without a model, and our loop's
+  sampling + gather + concatenation — the part of a step that a GPU would leave exposed.
 
-Runs alternate reference/ours ``--repeats`` times; the table shows medians and ours/ref.
+Each repeat runs every loop once, rotating the order between repeats; the table shows medians, the
+individual runs, and the ratio to the reference as shipped.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +121,7 @@ class PngItems(Dataset):
 
 def reference_datasets(data_dir: str) -> tuple[Dataset, Dataset]:
     mnist = load("mnist", InputSpec(28, 28, 1), data_root=data_dir)
-    mnist_m = load("mnist_m", InputSpec(28, 28, 3), data_root=data_dir)
+    mnist_m = load("mnist_m", InputSpec(32, 32, 3), data_root=data_dir)  # 32×32 PNGs, resized per item
     tf_source = transforms.Compose([transforms.Resize(28), transforms.ToTensor(),
                                     transforms.Normalize(mean=(0.1307,), std=(0.3081,))])
     tf_target = transforms.Compose([transforms.Resize(28), transforms.ToTensor(),
@@ -124,11 +130,12 @@ def reference_datasets(data_dir: str) -> tuple[Dataset, Dataset]:
             PngItems(mnist_m.images, mnist_m.labels, tf_target))
 
 
-def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, threads: int) -> float:
+def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, threads: int, workers: int) -> float:
     """fungtion/DANN's train/main.py loop on the CPU; images/s over the steps after ``warmup``."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    loaders = [DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=2, drop_last=True) for ds in (source, target)]
+    loaders = [DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True)
+               for ds in (source, target)]
     net = CNNModel()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     loss_class, loss_domain = nn.NLLLoss(), nn.NLLLoss()
@@ -142,15 +149,18 @@ def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, thr
             alpha = 2.0 / (1.0 + np.exp(-10 * p)) - 1
             s_img, s_label = next(source_iter)
             net.zero_grad()
-            class_output, domain_output = net(s_img, alpha)
+            input_img = torch.FloatTensor(BATCH, 3, 28, 28).resize_as_(s_img).copy_(s_img)  # as the original
+            class_output, domain_output = net(input_img, alpha)
             err_s_label = loss_class(class_output, s_label)
             err_s_domain = loss_domain(domain_output, torch.zeros(len(s_label), dtype=torch.long))
             t_img, _ = next(target_iter)
-            _, domain_output = net(t_img, alpha)
+            input_img = torch.FloatTensor(BATCH, 3, 28, 28).resize_as_(t_img).copy_(t_img)
+            _, domain_output = net(input_img, alpha)
             err_t_domain = loss_domain(domain_output, torch.ones(len(t_img), dtype=torch.long))
             err = err_t_domain + err_s_domain + err_s_label
             err.backward()
             optimizer.step()
+            _ = (err_s_label.item(), err_s_domain.item(), err_t_domain.item())  # its per-step print, unprinted
             done += 1
             if done == warmup:
                 t0 = time.perf_counter()
@@ -158,57 +168,119 @@ def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, thr
     return 2 * BATCH * steps / (time.perf_counter() - t0)
 
 
+def reference_feed(source: Dataset, target: Dataset, steps: int, warmup: int, workers: int) -> float:
+    """The reference's data feed alone (both DataLoaders, no model): source+target images/s."""
+    loaders = [DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True)
+               for ds in (source, target)]
+    its = [iter(d) for d in loaders]
+    for _ in range(warmup):
+        next(its[0]), next(its[1])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(its[0]), next(its[1])
+    rate = 2 * BATCH * steps / (time.perf_counter() - t0)
+    del its
+    return rate
+
+
 # --------------------------------------------------------------------------- ours
 
-def our_run(data_dir: str, steps: int, warmup: int, threads: int) -> tuple[float, float]:
-    """``train.loop.run``; (cumulative images/s at the last step, images/s from step ``warmup`` on)."""
+VARIANTS = {  # name → TrainConfig overrides
+    "default": {},
+    "channels_last": {"channels_last": True},
+    "cpu_bf16": {"cpu_bf16": True},
+    "channels_last+cpu_bf16": {"channels_last": True, "cpu_bf16": True},
+    "compile": {"compile": True},
+    "compile+channels_last+cpu_bf16": {"compile": True, "channels_last": True, "cpu_bf16": True},
+}
+
+
+def our_run(data_dir: str, steps: int, warmup: int, threads: int, **overrides) -> tuple[float, float]:
+    """``train.loop.run``; (images/s from step ``warmup`` to the end, cumulative images/s at the end)."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(source="mnist", target="mnist_m", method="dann", arch="dann_mnist_bn",
-                          batch_size=BATCH, steps=steps, eval_every=steps, log_every=max(1, min(warmup, steps)),
-                          eval_samples=1000, tsne=False, threads=threads, data_dir=data_dir)
+        cfg = TrainConfig(source="mnist", target="mnist_m", method="dann", arch="dann_mnist_bn28",
+                          batch_size=BATCH, steps=warmup + steps, eval_every=warmup + steps, log_every=warmup,
+                          eval_samples=1000, tsne=False, threads=threads, data_dir=data_dir, **overrides)
         run(cfg, Path(tmp), progress=False)
         records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     first, last = train[0], train[-1]
+    assert first["step"] == warmup and last["step"] == warmup + steps
     elapsed = lambda r: 2 * BATCH * r["step"] / r["images_per_s"]  # noqa: E731  (rate is cumulative)
-    steady = (2 * BATCH * (last["step"] - first["step"]) / (elapsed(last) - elapsed(first))
-              if last is not first else last["images_per_s"])
-    return last["images_per_s"], steady
+    return 2 * BATCH * steps / (elapsed(last) - elapsed(first)), last["images_per_s"]
+
+
+def our_feed(data_dir: str, steps: int) -> float:
+    """Our data feed alone: the loop's sampling, gather and concatenation of in-memory uint8 tensors."""
+    xs, xt = (torch.as_tensor(np.ascontiguousarray(load(name, InputSpec(28, 28, 3), data_root=data_dir).images))
+              for name in ("mnist", "mnist_m"))  # as train.loop.run holds them
+    g = torch.Generator().manual_seed(0)
+    for i in range(steps + 10):
+        if i == 10:
+            t0 = time.perf_counter()
+        idx_s, idx_t = torch.randint(len(xs), (BATCH,), generator=g), torch.randint(len(xt), (BATCH,), generator=g)
+        x = torch.cat([xs[idx_s], xt[idx_t]])
+    assert x.shape == (2 * BATCH, 28, 28, 3)
+    return 2 * BATCH * steps / (time.perf_counter() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20, help="reference steps run before timing starts")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps before them")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", default="8,2", help="reference DataLoader worker counts (8 = as shipped)")
+    ap.add_argument("--variants", default="default,channels_last,cpu_bf16,channels_last+cpu_bf16",
+                    help=f"our loop's option sets, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--feed-steps", type=int, default=50, help="steps of the data-feed-only measurement (0: skip)")
     ap.add_argument("--data-dir", default=os.environ.get("ADAPTSERVE_DATA"))
     args = ap.parse_args()
     logging.getLogger("adaptserve").setLevel(logging.ERROR)  # short runs trip the accuracy diagnostics
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # 8 workers on 2 CPUs, as shipped
+    workers = [int(w) for w in args.workers.split(",")]
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}")
 
     t = time.perf_counter()
     source, target = reference_datasets(args.data_dir)
     print(f"reference data ready ({len(source)} + {len(target)} items, {time.perf_counter() - t:.0f} s)", flush=True)
-    ref, ours, ours_steady = [], [], []
-    for i in range(args.repeats):
-        ref.append(reference_run(source, target, args.steps, args.warmup, args.threads))
-        print(f"repeat {i + 1}: reference {ref[-1]:.0f} images/s", flush=True)
-        cumulative, steady = our_run(args.data_dir, args.steps, args.warmup, args.threads)
-        ours.append(cumulative)
-        ours_steady.append(steady)
-        print(f"repeat {i + 1}: ours {cumulative:.0f} images/s ({steady:.0f} after warm-up)", flush=True)
+    rates: dict[str, list[float]] = {}
+
+    def record(name: str, rate: float) -> None:
+        rates.setdefault(name, []).append(rate)
+        print(f"  {name}: {rate:.0f} images/s", flush=True)
+
+    for i in range(args.repeats):  # alternate every loop within each repeat; rotate the order between repeats
+        jobs = [(f"reference, {w} workers", lambda w=w: reference_run(source, target, args.steps, args.warmup,
+                                                                        args.threads, w)) for w in workers]
+        jobs += [(f"ours, {v}", lambda v=v: our_run(args.data_dir, args.steps, args.warmup, args.threads,
+                                                     **VARIANTS[v])[0]) for v in variants]
+        k = i % len(jobs)
+        print(f"repeat {i + 1}/{args.repeats} ({os.getloadavg()[0]:.1f} load average)", flush=True)
+        for name, job in jobs[k:] + jobs[:k]:
+            record(name, job())
+    if args.feed_steps:
+        for i in range(args.repeats):
+            print(f"data feed only, repeat {i + 1}/{args.repeats}", flush=True)
+            for w in workers:
+                record(f"reference feed, {w} workers", reference_feed(source, target, args.feed_steps, 5, w))
+            record("our feed", our_feed(args.data_dir, args.feed_steps))
 
     med = statistics.median
+    base = f"reference, {workers[0]} workers"
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print()
-    print("| date | nproc | torch | threads | steps | reference images/s | ours images/s | ours after warm-up "
-          "| ours/ref |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {datetime.date.today()} | {nproc} | {torch.__version__} | {args.threads} | {args.steps} "
-          f"(ref +{args.warmup} warm-up) | {med(ref):.0f} | {med(ours):.0f} | {med(ours_steady):.0f} "
-          f"| {med(ours) / med(ref):.2f}× |")
-    print(f"\nmedians of {args.repeats} alternating runs; per run: reference {', '.join(f'{x:.0f}' for x in ref)}; "
-          f"ours {', '.join(f'{x:.0f}' for x in ours)}")
+    print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {nproc} CPUs, torch {torch.__version__}, "
+          f"{args.threads} threads, batch {BATCH}+{BATCH}, {args.steps} timed steps after {args.warmup}, "
+          f"medians of {args.repeats} alternating runs, load average now {os.getloadavg()[0]:.1f}\n")
+    print(f"| loop | images/s (median) | runs | vs {base} |")
+    print("| --- | --- | --- | --- |")
+    for name, xs in rates.items():
+        ref = f"reference feed, {workers[0]} workers" if "feed" in name else base
+        ratio = f"{med(xs) / med(rates[ref]):.2f}×" if ref in rates else ""
+        print(f"| {name} | {med(xs):,.0f} | {', '.join(f'{x:,.0f}' for x in xs)} | {ratio} |")
 
 
 if __name__ == "__main__":

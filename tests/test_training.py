@@ -54,6 +54,22 @@ def test_dann_beats_source_only_on_the_demo_target(tmp_path):
     assert da["domain_acc"] < so["domain_acc"]
 
 
+def test_speed_options_channels_last_same_math_cpu_bf16_lower_precision(tmp_path):
+    """--channels-last changes only the memory layout: after 20 steps the weights match the default run's
+    to float tolerance. --cpu-bf16 really runs in bfloat16 (its losses differ from float32's, a little)."""
+    kw = dict(steps=20, eval_every=20, log_every=10, device="cpu")
+    runs = {"fp32": {}, "cl": {"channels_last": True}, "bf16": {"cpu_bf16": True}}
+    for name, opts in runs.items():
+        run(small_cfg(**kw, **opts), tmp_path / name, progress=False)
+    weights = {n: ckpt_io.load(tmp_path / n / "checkpoints" / "last.pt")["model"] for n in runs}
+    for k, v in weights["fp32"].items():
+        assert torch.allclose(v, weights["cl"][k], rtol=1e-3, atol=1e-5), k
+        assert weights["bf16"][k].dtype == v.dtype and torch.isfinite(weights["bf16"][k].float()).all(), k
+    loss = {n: [json.loads(x)["loss_cls"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
+                if json.loads(x)["kind"] == "train"] for n in runs}
+    assert loss["bf16"] != loss["fp32"] and loss["bf16"] == pytest.approx(loss["fp32"], rel=0.05)
+
+
 def _train_cmd(cli, out, steps, extra=()):
     return cli + ["train", "--steps", str(steps), "--batch-size", "32", "--eval-every", "10", "--threads", "1",
                   "--no-tsne", "--no-progress", "--out", str(out), *extra]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
 from train import checkpoint as ckpt_io
 from train.config import TrainConfig
@@ -130,6 +131,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     torch.manual_seed(cfg.seed + rank)
     model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained)  # DDP broadcasts rank 0 weights
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-D conv weights only; the math is unchanged
     on_device = device.type == "cuda" and data["source"].images.nbytes + data["target"].images.nbytes < 2**31
     xs_all = torch.as_tensor(np.ascontiguousarray(data["source"].images))
     ys_all = torch.as_tensor(data["source"].labels)
@@ -168,6 +171,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     amp_dtype = None
     if cfg.amp and device.type == "cuda":
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif cfg.cpu_bf16 and device.type == "cpu":
+        amp_dtype = torch.bfloat16  # no gradient scaler needed: bf16 has float32's exponent range
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     def checkpoint_state(step: int) -> dict:
@@ -176,7 +181,10 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                 "history": history, "meta": meta}
 
     def do_eval(step: int) -> dict:
-        m = evaluate(model, data["source_eval"], data["target_eval"], device, cfg.seed)
+        # One BLAS thread for numpy/scipy/sklearn: with 2 it fights torch's OpenMP threads, and the proxy
+        # A-distance's logistic regression took 4.4 s instead of 0.16 s (docs/benchmarks.md §3).
+        with threadpool_limits(1, user_api="blas"):
+            m = evaluate(model, data["source_eval"], data["target_eval"], device, cfg.seed)
         m.update(kind="eval", step=step)
         history.append(m)
         return m
@@ -271,7 +279,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             summary["target_acc"] = final["target_acc"]
             summary["best_target_acc"] = next(h["target_acc"] for h in history if h["step"] == best["step"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        _plots(out, cfg, model, data, device)
+        with threadpool_limits(1, user_api="blas"):
+            _plots(out, cfg, model, data, device)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

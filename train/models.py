@@ -14,6 +14,8 @@ Architectures (``--arch``):
   G_y fc 100-100-K; G_d fc 100-1), input 32×32×3.
 - ``dann_mnist_bn``: the same shape with BatchNorm and dropout and 64/50 channels (the
   fungtion/DANN variant users report ≈ 90 % with), input 32×32×3.
+- ``dann_mnist_bn28``: ``dann_mnist_bn`` at fungtion/DANN's own input size, 28×28×3 (800 features),
+  so its network and per-step work match that reference exactly (benchmarks/train_throughput.py).
 - ``dann_svhn``: the paper's SVHN CNN (conv 64-64-128 5×5; G_y fc 3072-2048-K; G_d fc 1024-1024-1),
   input 32×32×3.
 - ``lenet``: LeNet for MNIST↔USPS (conv 20-50 5×5, fc 500; G_d 500-500-1), input 28×28×1.
@@ -125,6 +127,7 @@ class Arch:
 ARCH_INPUT = {
     "dann_mnist": InputSpec(32, 32, 3),
     "dann_mnist_bn": InputSpec(32, 32, 3),
+    "dann_mnist_bn28": InputSpec(28, 28, 3),
     "dann_svhn": InputSpec(32, 32, 3),
     "lenet": InputSpec(28, 28, 1),
     "resnet18": InputSpec(224, 224, 3),
@@ -175,8 +178,9 @@ def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: s
     if arch == "dann_mnist":
         features, dim = _conv_features([(32, 5, (2, 2, 0), False, 0), (48, 5, (2, 2, 0), False, 0)], 3, 32)
         classifier, (hidden, depth) = _mlp([dim, 100, 100, num_classes]), (100, 2)
-    elif arch == "dann_mnist_bn":
-        features, dim = _conv_features([(64, 5, (2, 2, 0), True, 0), (50, 5, (2, 2, 0), True, 0.5)], 3, 32)
+    elif arch in ("dann_mnist_bn", "dann_mnist_bn28"):
+        features, dim = _conv_features([(64, 5, (2, 2, 0), True, 0), (50, 5, (2, 2, 0), True, 0.5)], 3,
+                                       spec.height)
         classifier, (hidden, depth) = _mlp([dim, 100, 100, num_classes], bn=True, dropout=0.5), (100, 2)
     elif arch == "dann_svhn":
         features, dim = _conv_features([(64, 5, (3, 2, 1), False, 0), (64, 5, (3, 2, 1), False, 0),
