@@ -128,12 +128,18 @@ def providers(device: str = "auto") -> list[str]:
 
 
 def session(path: str | os.PathLike, device: str = "auto", threads: int = 0):
-    """An ``onnxruntime.InferenceSession`` with warnings suppressed and ``threads`` intra-op threads (0 = ORT)."""
+    """An ``onnxruntime.InferenceSession`` with warnings suppressed and ``threads`` intra-op threads (0 = ORT).
+
+    Intra-op pool threads sleep between runs instead of spin-waiting: the scorer and the service run Python
+    work (parsing, rows, drift checks) between ORT calls, and spinning threads took the CPU it needed — the
+    scorer was 1.6× faster with spinning off at 2 threads (docs/benchmarks.md §7).
+    """
     import onnxruntime as ort
 
     ort.set_default_logger_severity(3)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
