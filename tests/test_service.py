@@ -8,8 +8,6 @@ killed at teardown. Test order matters for the drift test, which runs first agai
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -42,50 +40,7 @@ def tiny_model(tmp_path_factory) -> dict:
     return _TINY
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tag: str, log: Path, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        full_env = {**os.environ, "ADAPTSERVE_MODEL": tag, "PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True",
-                    **{k: str(v) for k, v in env.items()}}
-        self.t0 = time.perf_counter()
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:AdaptService",
-                                      "--host", "127.0.0.1", "--port", str(self.port)],
-                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.ready_s = None
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    self.ready_s = time.perf_counter() - self.t0
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the group this test started (start_new_session)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
+from service.launch import ServeProcess as Server  # noqa: E402  (bentoml serve on 127.0.0.1, its own process group)
 
 
 @pytest.fixture(scope="module")
