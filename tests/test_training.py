@@ -124,11 +124,15 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, cli):
         (["train", "--source", f"folder:{tmp_path}/nope"], "does not exist"),
         (["train", "--resume", str(tmp_path)], "no config.yaml"),
         (["eval", str(tmp_path), "--eval", "demo-target"], "no checkpoint best.pt"),
+        (["train", "--lambda-max", "-1"], "--lambda-max must be >= 0"),
+        (["train", "--lr", "1e6", "--steps", "20", "--eval-every", "10", "--batch-size", "16", "--threads", "1",
+          "--no-tsne", "--out", str(tmp_path / "diverged")], "training diverged"),
     ]
     for args, message in cases:
         r = subprocess.run(cli + args + ["--no-progress"] * (args[0] == "train"), capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "diverged" / "checkpoints" / "last.pt").exists()  # no checkpoint of NaN weights
 
 
 def test_eval_command(tmp_path, cli):

@@ -57,6 +57,9 @@ class TrainConfig:
             raise ValueError("--target-holdout must be in [0, 1)")
         if self.select not in ("im", "target_acc"):
             raise ValueError("--select must be im or target_acc")
+        if self.lambda_max < 0:
+            raise ValueError("--lambda-max must be >= 0 (a negative λ turns the gradient reversal around: the "
+                             "features would help the discriminator instead of fooling it)")
         if self.arch == "auto":
             specs = (self.source, self.target)
             if any(s.split(":")[0] == "usps" for s in specs):
