@@ -43,7 +43,7 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: bool = True                 # mixed precision on CUDA (ignored on CPU)
     cpu_bf16: bool = False           # bfloat16 autocast on the CPU (opt-in: lower precision; fast with AVX512-BF16)
-    channels_last: bool = False      # conv weights and activations in NHWC memory layout (same math)
+    channels_last: bool = False      # conv weights in NHWC layout too (activations already are; same math)
     compile: bool = False            # torch.compile the model
     threads: int = 0                 # torch intra-op threads on CPU; 0 = torch default
     tsne: bool = True
