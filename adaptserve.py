@@ -34,7 +34,7 @@ def _add_train(sub) -> None:
                    help="continue RUN_DIR from checkpoints/last.pt with its saved config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = TrainConfig()
-    helps = {"method": "/".join(METHODS), "arch": "auto, dann_mnist, dann_mnist_bn, dann_svhn, lenet, resnet18, resnet50",
+    helps = {"method": "/".join(METHODS), "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, resnet18, resnet50",
              "eval": "dataset to report target accuracy on (default: the target's test split)",
              "select": "best.pt chosen by im (label-free) or target_acc"}
     for f in fields(TrainConfig):
