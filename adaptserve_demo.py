@@ -221,6 +221,15 @@ def _drift_line(d: dict) -> str:
     return f"{d['status'].upper()} ({p})"
 
 
+def _bentoml_cli() -> str:
+    """How to call the bentoml of this environment from the current folder (e.g. .venv/bin/bentoml)."""
+    cli = Path(sys.executable).parent / "bentoml"
+    if not cli.exists():
+        return "bentoml"
+    rel = os.path.relpath(cli)
+    return rel if not rel.startswith("..") else str(cli)
+
+
 def report(r: dict) -> str:
     so, da = r["runs"]["source-only"], r["runs"]["dann"]
     a, s, par = r["answers"], r["scored"], r["manifest"]["parity"]
@@ -247,7 +256,7 @@ def report(r: dict) -> str:
         f"model                        {r['tag']} (BentoML store), files in {out / 'model'}",
         f"scores, drift report         {out / 'scores.csv'}, {out / 'scores.csv.drift.json'}",
         f"logs                         {out / 'logs'}",
-        f"serve it yourself            ADAPTSERVE_MODEL={r['tag']} bentoml serve",
+        f"serve it yourself            ADAPTSERVE_MODEL={r['tag']} {_bentoml_cli()} serve",
         f"whole demo                   {r['seconds']:.0f} s",
     ]
     return "\n".join(lines)
