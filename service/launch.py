@@ -4,8 +4,10 @@
         srv.wait_ready()
         httpx.post(srv.url + "/predict", ...)
 
-The server runs in its own process group (``start_new_session``) so :meth:`ServeProcess.stop` reaches
-BentoML's worker processes too: SIGTERM, then SIGKILL after ``grace`` seconds. It always listens on
+The server runs in its own process group (``start_new_session``). BentoML starts each worker in a session
+of its own, so signalling the group reaches only the arbiter: :meth:`ServeProcess.stop` sends it SIGTERM
+(it stops its workers), then SIGKILL after ``grace`` seconds, and finally kills any process of the tree
+still alive; :meth:`ServeProcess.kill` SIGKILLs the whole tree at once (a crash). It always listens on
 127.0.0.1 at a free port. Torch-free.
 """
 
@@ -74,7 +76,25 @@ class ServeProcess:
         except OSError:
             return ""
 
+    def tree(self) -> list:
+        """The server's descendant processes (psutil, a BentoML dependency) — its workers among them."""
+        import psutil
+
+        try:
+            return psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started, as a crash of the machine would."""
+        tree = self.tree()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._reap(tree)
+        self.proc.wait(10)
+
     def stop(self, grace: float = 15.0) -> None:
+        tree = self.tree()
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -82,7 +102,19 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        self._reap(tree)
         self._log.close()
+
+    @staticmethod
+    def _reap(tree: list) -> None:
+        import psutil
+
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:  # already gone
+                pass
+        psutil.wait_procs(tree, timeout=5)
 
     def __enter__(self) -> "ServeProcess":
         return self
