@@ -32,18 +32,16 @@ import io
 import json
 import lzma
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from service.launch import ServeProcess, free_port  # noqa: E402
 KINDS = {
     "bare": {},
     "service": {},
@@ -55,55 +53,19 @@ KINDS = {
 DEFAULT_KINDS = ["bare", "service", "no-drift", "batching"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One server subprocess in its own process group; ``ready_s`` = start → /readyz 200."""
+class Server(ServeProcess):
+    """One server of ``kind`` (its own process tree, reaped on stop); ``ready_s`` = start → /readyz 200."""
 
     def __init__(self, kind: str, model: Path, logdir: Path):
-        self.kind, self.port = kind, free_port()
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "BENTOML_DO_NOT_TRACK": "True", "ADAPTSERVE_MODEL": str(model),
-               "ADAPTSERVE_THREADS": "1", "OMP_NUM_THREADS": "1", **KINDS[kind]}
-        if kind == "bare":
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), str(model), "--port", str(self.port),
-                   "--threads", "1"]
-        else:
-            cmd = [str(BIN / "bentoml"), "serve", "service.service:AdaptService", "--host", "127.0.0.1",
-                   "--port", str(self.port)]
-        self.log = open(logdir / f"{kind}-{self.port}.log", "wb")
-        self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.ready_s: float | None = None
+        self.kind = kind
+        port = free_port()
+        argv = ([sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), str(model), "--port", "{port}",
+                 "--threads", "1"] if kind == "bare" else None)
+        super().__init__(model, logdir / f"{kind}-{port}.log", port=port, argv=argv, ADAPTSERVE_THREADS=1,
+                         OMP_NUM_THREADS=1, **KINDS[kind])
 
     def wait_ready(self, timeout: float = 90.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode}; log: {self.log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        self.ready_s = time.perf_counter() - self.t0
-                        return self.ready_s
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} not ready after {timeout} s; log: {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self.log.close()
+        return super().wait_ready(timeout)
 
 
 # ---------------------------------------------------------------- load generator

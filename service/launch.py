@@ -36,7 +36,9 @@ def free_port() -> int:
 class ServeProcess:
     """``bentoml serve service.service:AdaptService`` for model ``model`` (store tag or folder)."""
 
-    def __init__(self, model: str, log: Path, port: int | None = None, **env: object):
+    def __init__(self, model: str, log: Path, port: int | None = None, argv: list[str] | None = None, **env: object):
+        """``argv``: another server command to run instead (e.g. a benchmark's baseline); ``{port}`` in it is
+        replaced by the port."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
@@ -44,12 +46,13 @@ class ServeProcess:
         full_env = {**os.environ, "ADAPTSERVE_MODEL": str(model), "BENTOML_DO_NOT_TRACK": "True",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     **{k: str(v) for k, v in env.items()}}
-        bentoml_cli = Path(sys.executable).parent / "bentoml"
-        cmd = [str(bentoml_cli)] if bentoml_cli.exists() else [sys.executable, "-m", "bentoml"]
+        if argv is None:
+            bentoml_cli = Path(sys.executable).parent / "bentoml"
+            argv = [str(bentoml_cli)] if bentoml_cli.exists() else [sys.executable, "-m", "bentoml"]
+            argv += ["serve", "service.service:AdaptService", "--host", "127.0.0.1", "--port", "{port}"]
         self._log = open(self.log, "wb")
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd + ["serve", "service.service:AdaptService", "--host", "127.0.0.1",
-                                            "--port", str(self.port)],
+        self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in argv],
                                      cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
