@@ -163,6 +163,8 @@ def _add_score(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    p.add_argument("--no-drift", action="store_true",
+                   help="no drift report and no discriminator: only the predictions (faster)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -170,13 +172,16 @@ def cmd_score(args) -> int:
     from service.score import score
 
     s = score(args.model, args.input, args.out, batch_size=args.batch_size, progress=not args.no_progress,
-              device=args.device, threads=args.threads)
+              device=args.device, threads=args.threads, drift=not args.no_drift)
     if s["n_errors"]:
         print(f"{s['n_errors']} of {s['n_items']} items could not be read and were skipped (see the error column "
               f"of {s['out']})", file=sys.stderr)
+    acc = f", accuracy {s['accuracy']:.2%} on {s['n_labelled']} labelled" if s["accuracy"] is not None else ""
+    if s["drift_report"] is None:
+        print(f"scored {s['n_scored']} of {s['n_items']} items in {s['seconds']:.1f} s{acc}; no drift checks → {s['out']}")
+        return 0
     drift = (f"{s['n_windows']} drift windows, {s['fraction_windows_alarmed']:.0%} alarmed" if s["n_windows"]
              else "no full drift window")
-    acc = f", accuracy {s['accuracy']:.2%} on {s['n_labelled']} labelled" if s["accuracy"] is not None else ""
     print(f"scored {s['n_scored']} of {s['n_items']} items in {s['seconds']:.1f} s{acc}; {drift} → {s['out']}, "
           f"{s['drift_report']}")
     return 0

@@ -11,14 +11,11 @@ Per round, in alternating order:
 - **score** — ``adaptserve score MODEL ARRAY.npy --out scores.csv --batch-size B --threads T --no-progress``
   in-process (:func:`adaptserve.main`): opens and verifies the model, memory-maps the array, runs the classifier
   *and* the discriminator, writes one CSV row per image and ``scores.csv.drift.json`` (drift check on every
-  window of 200);
-- **score, no drift** — the same with the drift windows switched off (:class:`service.score.WindowDrift` collects
-  nothing), to show what the drift checks cost;
-- **score, no spin** / **raw, no spin** — the same with ONNX Runtime's ``session.intra_op.allow_spinning`` set
-  to 0 (its pool threads sleep between runs instead of spinning; ``service/runtime.py`` does not set this today);
+  window of 200, on a worker thread);
+- **score --no-drift** — the same with ``--no-drift``: no discriminator, no drift windows, no report;
 - **raw** — the loop a user would write: one ``onnxruntime.InferenceSession`` on ``model.onnx`` with the same
-  intra-op threads, ``np.load(mmap_mode="r")``, ``session.run(["probabilities"], ...)`` per batch of B, argmax,
-  and nothing written.
+  intra-op threads (spinning off, as the scorer's), ``np.load(mmap_mode="r")``, ``session.run(["probabilities"],
+  ...)`` per batch of B, argmax, and nothing written.
 
 All timings include opening the model(s) and reading the array. The ratio is score / raw images/s (target ≥ 0.9).
 """
@@ -41,32 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import adaptserve  # noqa: E402
-from service import score as score_mod  # noqa: E402
-from service import runtime  # noqa: E402
 from service.runtime import session  # noqa: E402
-
-
-WINDOW_DRIFT = score_mod.WindowDrift
-SESSION = runtime.session
-
-
-def session_no_spin(path, device: str = "auto", threads: int = 0):
-    """:func:`service.runtime.session` with the intra-op pool's spin-waiting turned off."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=runtime.providers(device))
-
-
-class NoDrift(score_mod.WindowDrift):
-    """Drift windows switched off: outputs are dropped, the report has no windows."""
-
-    def add(self, p_target, probabilities, features) -> None:
-        pass
 
 
 def make_array(path: Path, n: int, data_dir) -> None:
@@ -79,24 +51,20 @@ def make_array(path: Path, n: int, data_dir) -> None:
     np.save(path, np.ascontiguousarray(images[:n]))
 
 
-def run_score(model: Path, array: Path, out: Path, batch: int, threads: int, drift: bool = True,
-              spin: bool = True) -> float:
-    score_mod.WindowDrift = WINDOW_DRIFT if drift else NoDrift
-    runtime.session = SESSION if spin else session_no_spin
+def run_score(model: Path, array: Path, out: Path, batch: int, threads: int, drift: bool = True) -> float:
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         code = adaptserve.main(["score", str(model), str(array), "--out", str(out), "--batch-size", str(batch),
-                                "--threads", str(threads), "--no-progress"])
+                                "--threads", str(threads), "--no-progress"] + ([] if drift else ["--no-drift"]))
     seconds = time.perf_counter() - t0
-    score_mod.WindowDrift, runtime.session = WINDOW_DRIFT, SESSION
     if code != 0:
         raise SystemExit(f"adaptserve score exited with {code}")
     return seconds
 
 
-def run_raw(model: Path, array: Path, batch: int, threads: int, spin: bool = True) -> float:
+def run_raw(model: Path, array: Path, batch: int, threads: int) -> float:
     t0 = time.perf_counter()
-    sess = (session if spin else session_no_spin)(model / "model.onnx", "cpu", threads)
+    sess = session(model / "model.onnx", "cpu", threads)
     x = np.load(array, mmap_mode="r")
     labels = np.empty(len(x), np.int64)
     for i in range(0, len(x), batch):
@@ -119,20 +87,18 @@ def main(argv=None) -> int:
     if not array.exists():
         make_array(array, args.n, args.data_dir)
     n = len(np.load(array, mmap_mode="r"))
-    times = {"score": [], "score-nodrift": [], "score-nospin": [], "raw": [], "raw-nospin": []}
+    times = {"score": [], "score --no-drift": [], "raw": []}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "scores.csv"
         runs = {"score": lambda: run_score(args.model, array, out, args.batch_size, args.threads),
-                "score-nodrift": lambda: run_score(args.model, array, out, args.batch_size, args.threads, False),
-                "score-nospin": lambda: run_score(args.model, array, out, args.batch_size, args.threads, spin=False),
-                "raw": lambda: run_raw(args.model, array, args.batch_size, args.threads),
-                "raw-nospin": lambda: run_raw(args.model, array, args.batch_size, args.threads, spin=False)}
+                "score --no-drift": lambda: run_score(args.model, array, out, args.batch_size, args.threads, False),
+                "raw": lambda: run_raw(args.model, array, args.batch_size, args.threads)}
         runs["raw"]()  # warm the page cache and ORT once
         for r in range(args.rounds):
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
                 s = runs[name]()
                 times[name].append(s)
-                print(f"round {r} {name:13s} {s:6.2f} s  {n / s:8.0f} images/s", flush=True)
+                print(f"round {r} {name:16s} {s:6.2f} s  {n / s:8.0f} images/s", flush=True)
     med = {k: n / float(np.median(v)) for k, v in times.items()}
     print(f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {n} images, batch {args.batch_size}, "
           f"{args.threads} thread(s), load average {tuple(round(x, 2) for x in os.getloadavg())}")

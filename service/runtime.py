@@ -150,16 +150,17 @@ def run_graphs(classifier, discriminator, x: np.ndarray, batch_size: int = 1024)
     """Run both sessions on uint8 images ``x`` (already in the input spec) in chunks of ``batch_size``.
 
     Returns (probabilities, logits, features, p_target). The discriminator is fed only the inputs its graph
-    declares (``features`` and/or ``probabilities``).
+    declares (``features`` and/or ``probabilities``); ``discriminator=None`` skips it (``p_target`` is None).
     """
-    disc_inputs = [i.name for i in discriminator.get_inputs()]
+    disc_inputs = [i.name for i in discriminator.get_inputs()] if discriminator is not None else []
     parts = []
     for i in range(0, len(x), batch_size):
         probs, logits, feats = classifier.run(["probabilities", "logits", "features"], {"images": x[i:i + batch_size]})
         feeds = {"features": feats, "probabilities": probs}
-        (p_target,) = discriminator.run(["p_target"], {k: feeds[k] for k in disc_inputs})
+        p_target = (discriminator.run(["p_target"], {k: feeds[k] for k in disc_inputs})[0]
+                    if discriminator is not None else None)
         parts.append((probs, logits, feats, p_target))
-    return tuple(np.concatenate(c) for c in zip(*parts))
+    return tuple(None if c[0] is None else np.concatenate(c) for c in zip(*parts))
 
 
 @dataclass
@@ -171,14 +172,15 @@ class Prediction:
     probabilities: np.ndarray   # (N, K) float32
     logits: np.ndarray          # (N, K) float32
     features: np.ndarray        # (N, D) float32
-    p_target: np.ndarray        # (N,) float32, discriminator's P(target domain)
+    p_target: np.ndarray | None  # (N,) float32, discriminator's P(target domain); None if not run
 
     def __len__(self) -> int:
         return len(self.predictions)
 
     def to_dict(self) -> dict:
         return {"predictions": self.predictions.tolist(), "labels": self.labels,
-                "probabilities": self.probabilities.tolist(), "p_target": self.p_target.tolist()}
+                "probabilities": self.probabilities.tolist(),
+                "p_target": None if self.p_target is None else self.p_target.tolist()}
 
 
 @dataclass
@@ -231,9 +233,14 @@ class Model:
             raise ImageError("no images: the batch is empty")
         return a
 
-    def predict(self, images, batch_size: int = 1024) -> Prediction:
-        """Classify images — (H,W[,C]) or (N,H,W[,C]), uint8 or floats in [0,1] — in one call."""
-        probs, logits, feats, p_target = run_graphs(*self._sessions, self.prepare(images), batch_size)
+    def predict(self, images, batch_size: int = 1024, discriminator: bool = True) -> Prediction:
+        """Classify images — (H,W[,C]) or (N,H,W[,C]), uint8 or floats in [0,1] — in one call.
+
+        ``discriminator=False`` skips the domain discriminator (``p_target`` is None): for callers that do
+        not check drift."""
+        classifier, disc = self._sessions
+        probs, logits, feats, p_target = run_graphs(classifier, disc if discriminator else None,
+                                                    self.prepare(images), batch_size)
         pred = probs.argmax(1).astype(np.int64)
         names = self.classes
         return Prediction(pred, [names[i] for i in pred], probs, logits, feats, p_target)

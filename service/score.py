@@ -321,8 +321,11 @@ def _prepare(model, images: list) -> tuple[np.ndarray | None, list[str | None]]:
 
 
 def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, progress: bool = True,
-          device: str = "cpu", threads: int = 0, model=None) -> dict:
-    """Score INPUT with MODEL into ``out`` and ``out.drift.json``; return a summary dict."""
+          device: str = "cpu", threads: int = 0, model=None, drift: bool = True) -> dict:
+    """Score INPUT with MODEL into ``out`` and ``out.drift.json``; return a summary dict.
+
+    ``drift=False``: no drift windows, no discriminator, no ``out.drift.json`` (a stale one from an earlier
+    run on the same ``out`` is removed, so it cannot be read as this run's)."""
     from service.runtime import Model
 
     if batch_size < 1:
@@ -339,7 +342,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     id_col = "path" if source.kind == "folder" else "index"
     columns = [id_col, "label", "class_index", "confidence"] + (["true_label"] if source.labelled else []) + ["error"]
     writer = Writer(out, columns)
-    drift = WindowDrift(model.drift_reference)
+    monitor = WindowDrift(model.drift_reference) if drift else None
     n_ok = n_err = n_correct = n_labelled = 0
     from tqdm import tqdm
 
@@ -349,7 +352,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     try:
         for batch in source.batches:
             stacked, prep_errors = _prepare(model, batch.images)
-            pred = model.predict(stacked) if stacked is not None else None
+            pred = model.predict(stacked, discriminator=drift) if stacked is not None else None
             errors = [e or p for e, p in zip(batch.errors, prep_errors)]
             ok = [e is None for e in errors]
             # the readable items' predictions, spread back over all items (None where unreadable)
@@ -369,14 +372,19 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
                 n_labelled += len(known)
                 n_correct += sum(c == t for c, t in known)
             writer.write(cols)
-            if pred is not None:
-                drift.add(pred.p_target, pred.probabilities, pred.features)
+            if pred is not None and monitor is not None:
+                monitor.add(pred.p_target, pred.probabilities, pred.features)
             bar.update(len(batch.ids))
         writer.close()
-        report, writing = drift.report(tag, n_ok), drift_path
-        drift_path.write_text(json.dumps(report, indent=2))
+        if monitor is not None:
+            report, writing = monitor.report(tag, n_ok), drift_path
+            drift_path.write_text(json.dumps(report, indent=2))
+        else:
+            report = {"n_windows": None, "fraction_windows_alarmed": None}
+            drift_path.unlink(missing_ok=True)
     except BaseException as e:  # disk full, a bug, Ctrl-C: no half-written results are left behind
-        drift.shutdown()
+        if monitor is not None:
+            monitor.shutdown()
         bar.close()
         try:
             writer.close()
@@ -388,7 +396,8 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
             raise OSError(e.errno, f"cannot write {writing}: {e.strerror}") from None
         raise
     bar.close()
-    return {"model": tag, "input": str(input_path), "out": str(out), "drift_report": str(drift_path),
+    return {"model": tag, "input": str(input_path), "out": str(out),
+            "drift_report": str(drift_path) if monitor is not None else None,
             "n_items": source.n, "n_scored": n_ok, "n_errors": n_err,
             "accuracy": (n_correct / n_labelled) if n_labelled else None, "n_labelled": n_labelled,
             "n_windows": report["n_windows"], "fraction_windows_alarmed": report["fraction_windows_alarmed"],

@@ -108,6 +108,12 @@ def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, t
     assert report["whole_set"]["is_drift"] == (k == 2)
     assert set(report["fraction_windows_alarmed_per_test"]) == {"ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"}
 
+    # --no-drift: the same rows, no discriminator, and the earlier report is removed rather than left stale
+    code, stdout, stderr = run_cli(capsys, model["folder"], npz, "--out", out, "--batch-size", "128", "--no-drift")
+    assert code == 0, stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+    assert not (tmp_path / "sub" / "scores.jsonl.drift.json").exists() and "no drift checks" in stdout
+
 
 def test_npy_grey_images_and_inverted_images_alarm(model, target, tmp_path, capsys):
     images, _ = target
