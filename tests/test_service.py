@@ -346,6 +346,49 @@ def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, im
         DriftMonitor(rt.drift_reference, "t", budget=0)
 
 
+def test_bentoml_timeout_middleware_cancels_its_timer_and_still_times_out():
+    """BentoML 1.4.39 left one 120-s timer per request on the event loop (memory, GC time); the service
+    module patches its TimeoutMiddleware to cancel it (service.service.cancel_bentoml_timeout_timers)."""
+    import asyncio
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    import service.service  # noqa: F401  (applies the patch at import)
+
+    async def fast(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    async def main():
+        loop, handles, sent = asyncio.get_running_loop(), [], []
+        call_later = loop.call_later
+
+        def recording(*args, **kwargs):
+            handles.append(call_later(*args, **kwargs))
+            return handles[-1]
+
+        loop.call_later = recording
+
+        async def send(message):
+            sent.append(message)
+
+        async def receive():
+            return {"type": "http.request", "body": b""}
+
+        for _ in range(5):
+            await TimeoutMiddleware(fast, timeout=120)({"type": "http"}, receive, send)
+        await TimeoutMiddleware(slow, timeout=0.05)({"type": "http"}, receive, send)
+        return handles, sent
+
+    handles, sent = asyncio.run(main())
+    assert len(handles) >= 6 and all(h.cancelled() for h in handles)  # (+ the slow app's sleep timer)
+    statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert statuses == [200] * 5 + [504]
+
+
 def test_drift_checks_can_be_switched_off(servers, images):
     k = servers["keyed"]  # started with ADAPTSERVE_DRIFT=off
     headers = {"Authorization": f"Bearer {KEY}"}
