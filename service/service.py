@@ -59,6 +59,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,31 @@ def error_response(status: int, message: str) -> Response:
 
 # ---------------------------------------------------------------- request bodies (pure, unit-testable)
 
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \} *\n")
+
+
+def read_npy(body: bytes) -> np.ndarray:
+    """A ``.npy`` body → array, like ``np.load(io.BytesIO(body), allow_pickle=False)``.
+
+    The header numpy writes for plain C-ordered numeric arrays is parsed with one regular expression and the
+    data is viewed in place (read-only); anything else — Fortran order, structured or object dtypes, another
+    header layout, a size mismatch — goes to ``np.load``, which raises its usual errors. ``np.load`` parses
+    the header with ``ast.literal_eval`` (Python's compiler), ≈ 0.1 ms of the ≈ 1 ms a one-image request costs.
+    """
+    if body[:6] == b"\x93NUMPY" and len(body) >= 10:
+        major = body[6]
+        size, start = ((int.from_bytes(body[8:10], "little"), 10) if major == 1 else
+                       (int.from_bytes(body[8:12], "little"), 12) if major in (2, 3) else (-1, 0))
+        m = _NPY_HEADER.fullmatch(body[start:start + size].decode("latin-1")) if size > 0 else None
+        if m:
+            dtype = np.dtype(m.group(1))
+            shape = tuple(int(d) for d in m.group(2).replace(" ", "").split(",") if d)
+            count = int(np.prod(shape, dtype=np.int64))
+            if dtype.kind in "biuf" and len(body) - start - size == count * dtype.itemsize:
+                return np.frombuffer(body, dtype, count=count, offset=start + size).reshape(shape)
+    return np.load(io.BytesIO(body), allow_pickle=False)
+
+
 def parse_images(body: bytes, content_type: str, max_images: int) -> np.ndarray:
     """A /predict body → an array of rank 4 (N,H,W,C) (rank 2/3 inputs are one image); HTTPError if bad."""
     ctype = (content_type or "").split(";")[0].strip().lower()
@@ -191,7 +217,7 @@ def parse_images(body: bytes, content_type: str, max_images: int) -> np.ndarray:
         raise HTTPError(400, "empty request body: send {\"images\": [...]} as JSON or a .npy file")
     if ctype in NPY_TYPES:
         try:
-            a = np.load(io.BytesIO(body), allow_pickle=False)
+            a = read_npy(body)
         except Exception as e:  # ValueError / OSError / EOFError / UnpicklingError on a bad file
             raise HTTPError(400, f"body is not a readable .npy array ({e.__class__.__name__}: {e})") from None
         if not isinstance(a, np.ndarray):

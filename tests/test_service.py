@@ -346,6 +346,30 @@ def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, im
         DriftMonitor(rt.drift_reference, "t", budget=0)
 
 
+def test_read_npy_equals_np_load_and_falls_back_to_it():
+    from service.service import read_npy
+
+    def npy(a, version=None):
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, a, version=version)
+        return buf.getvalue()
+
+    arrays = [np.arange(2 * 5 * 4 * 3, dtype=np.uint8).reshape(2, 5, 4, 3), np.linspace(0, 1, 6, dtype="<f4").reshape(2, 3),
+              np.array(7, np.int16), np.zeros((0, 3), np.uint8), np.arange(3, dtype=">f8"), np.ones(4, bool),
+              np.asfortranarray(np.arange(6, dtype=np.uint8).reshape(2, 3)),                    # → np.load
+              np.zeros(2, dtype=[("a", "u1"), ("b", "<f4")])]                                  # → np.load
+    for a in arrays:
+        for version in (None, (2, 0)):
+            got = read_npy(npy(a, version))
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+    body = npy(arrays[0])
+    for bad in (body[:-1], body[:20], b"\x93NUMPY\x01\x00\xff\xff{", b"not an array"):
+        with pytest.raises(Exception):
+            read_npy(bad)
+    with pytest.raises(ValueError, match="pickle"):
+        read_npy(npy(np.array([{"a": 1}], dtype=object)))
+
+
 def test_bentoml_timeout_middleware_cancels_its_timer_and_still_times_out():
     """BentoML 1.4.39 left one 120-s timer per request on the event loop (memory, GC time); the service
     module patches its TimeoutMiddleware to cancel it (service.service.cancel_bentoml_timeout_timers)."""
