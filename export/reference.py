@@ -10,7 +10,8 @@ How they are used (numpy only; the statistics themselves are in :mod:`service.dr
 - a fixed seeded permutation splits them into a **reference pool** — 2,000 images when at least 4,000
   are held out, otherwise half — and a **calibration pool** (the rest, never smaller than the reference);
 - the reference pool's discriminator scores, softmax outputs and PCA-projected features are stored (with
-  the MMD's reference-only term, so the service does not recompute it); the PCA basis (mean + top ``PCA_DIMS`` components, numpy SVD) is fitted on the reference features;
+  the MMD's reference-only term, so the service does not recompute it); the PCA basis (mean + top
+  ``PCA_DIMS`` components, numpy SVD) is fitted on the reference features;
 - ``B`` windows of ``W = min(200, calibration pool)`` images are bootstrapped (drawn with replacement)
   from the calibration pool — in-distribution data the reference has not seen — and each test's
   statistic is computed against the reference. ``α`` is the overall false-alarm rate of a window, each

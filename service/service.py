@@ -185,7 +185,8 @@ def error_response(status: int, message: str) -> Response:
 
 # ---------------------------------------------------------------- request bodies (pure, unit-testable)
 
-_NPY_HEADER = re.compile(r"\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': False, 'shape': \(((?:\d+, ?)*\d*)\), \} *\n")
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=][a-z]\d{1,2})', 'fortran_order': False, "
+                         r"'shape': \(((?:\d+, ?)*\d*)\), \} *\n")
 
 
 def read_npy(body: bytes) -> np.ndarray:
