@@ -25,7 +25,8 @@ contributes routing and the OpenAPI description (merged by BentoML into ``/docs.
 request's array is one ONNX Runtime call (a request is already a batch of up to ``ADAPTSERVE_MAX_IMAGES``
 images): small bodies are handled on the event loop, larger ones in a worker thread.
 
-Adaptive batching (``ADAPTSERVE_BATCHING=on``, off by default) is BentoML's own: the router still parses and
+Adaptive batching (``ADAPTSERVE_BATCHING``: ``auto`` by default — on when the model runs on a GPU, off on the
+CPU; ``on``/``off`` force it; see :func:`batching_enabled`) is BentoML's own: the router still parses and
 validates, then hands the input-spec uint8 array to :class:`Batcher`, a ``batchable=True`` API in a
 ``bentoml.depends`` service, which merges concurrent calls into one ORT call. It runs in its own process, so
 every request pays an extra inter-process HTTP call; on CPU that costs more than merging saves
@@ -46,7 +47,7 @@ Environment: ``ADAPTSERVE_MODEL`` (store tag or exported folder; default ``adapt
 another value is refused at start-up rather than silently mis-calibrated), ``ADAPTSERVE_API_KEY`` (when
 set, every route except the health, metrics and docs routes needs ``Authorization: Bearer <key>``),
 ``ADAPTSERVE_DRIFT`` (on/off, default on), ``ADAPTSERVE_DRIFT_BUDGET`` (default 0.05), ``ADAPTSERVE_BATCHING``
-(on/off, default off), ``ADAPTSERVE_BATCH_MAX_SIZE`` (images per merged call, default 256),
+(on/off/auto, default auto: on with a GPU), ``ADAPTSERVE_BATCH_MAX_SIZE`` (images per merged call, default 256),
 ``ADAPTSERVE_BATCH_MAX_LATENCY_MS`` (default 60000: generous, since BentoML answers 503 to requests it
 predicts will miss it). The batching variables are read at import, as they decide the service graph.
 """
@@ -144,8 +145,33 @@ def _env_flag(name: str, default: bool = False) -> bool:
     raise ValueError(f"${name} must be on or off, got {raw!r}")
 
 
+def batching_enabled(raw: str, device: str, gpu: bool) -> bool:
+    """``ADAPTSERVE_BATCHING``: ``on``, ``off`` or ``auto`` (the default) = on exactly when inference runs on
+    a GPU (``ADAPTSERVE_DEVICE`` is not ``cpu`` and a CUDA device is usable). On the CPU BentoML's batching
+    costs an extra inter-process hop per request that merging does not win back (docs/benchmarks.md §5);
+    on a GPU one large call is much cheaper than many small ones."""
+    mode = (raw or "").strip().lower()
+    if mode in ("", "auto"):
+        return gpu and device.strip().lower() != "cpu"
+    if mode in ("1", "true", "on", "yes"):
+        return True
+    if mode in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"$ADAPTSERVE_BATCHING must be on, off or auto, got {raw!r}")
+
+
+def _batching_from_env() -> bool:
+    raw, device = os.environ.get("ADAPTSERVE_BATCHING", ""), os.environ.get("ADAPTSERVE_DEVICE", "auto")
+    gpu = False
+    if raw.strip().lower() in ("", "auto") and device.strip().lower() != "cpu":
+        from service.runtime import providers
+
+        gpu = "CUDAExecutionProvider" in providers("auto")  # only when onnxruntime *and* a CUDA device are usable
+    return batching_enabled(raw, device, gpu)
+
+
 # Read at import: they decide the service graph (with batching, a second BentoML service holds the model).
-BATCHING = _env_flag("ADAPTSERVE_BATCHING")
+BATCHING = _batching_from_env()
 BATCHER_RETRIES = 2
 BATCHER_TIMEOUT_S = 20.0
 BATCH_MAX_SIZE = _env_int("ADAPTSERVE_BATCH_MAX_SIZE", DEFAULT_BATCH_MAX_SIZE, minimum=2)
@@ -669,7 +695,7 @@ def unpack(out: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.
 
 @bentoml.service(name="adaptserve-batcher", traffic={"timeout": 120})
 class Batcher:
-    """The model behind BentoML's adaptive batching (only with ``ADAPTSERVE_BATCHING=on``).
+    """The model behind BentoML's adaptive batching (only when batching is on: :func:`batching_enabled`).
 
     A dependency of :class:`AdaptService`, so ``bentoml serve`` runs it as its own process; the router
     parses and validates each request, brings it to the input spec and calls :meth:`infer` with the uint8

@@ -346,6 +346,19 @@ def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, im
         DriftMonitor(rt.drift_reference, "t", budget=0)
 
 
+def test_batching_is_auto_on_with_a_gpu_off_on_the_cpu_and_can_be_forced():
+    from service.service import BATCHING, batching_enabled
+    from service.runtime import gpu_available
+
+    assert batching_enabled("", "auto", gpu=True) and batching_enabled("auto", "cuda", gpu=True)
+    assert not batching_enabled("", "auto", gpu=False) and not batching_enabled("auto", "cpu", gpu=True)
+    assert batching_enabled("on", "cpu", gpu=False) and not batching_enabled("off", "cuda", gpu=True)
+    with pytest.raises(ValueError, match="on, off or auto"):
+        batching_enabled("sometimes", "auto", gpu=False)
+    if not gpu_available() and os.environ.get("ADAPTSERVE_BATCHING", "auto") in ("", "auto"):
+        assert BATCHING is False  # this machine: no GPU, so the default is the unbatched path
+
+
 def test_read_npy_equals_np_load_and_falls_back_to_it():
     from service.service import read_npy
 
