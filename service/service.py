@@ -134,14 +134,15 @@ def _env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
+ON, OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
 def _env_flag(name: str, default: bool = False) -> bool:
     raw = os.environ.get(name, "").strip().lower()
     if not raw:
         return default
-    if raw in ("1", "true", "on", "yes"):
-        return True
-    if raw in ("0", "false", "off", "no"):
-        return False
+    if raw in ON or raw in OFF:
+        return raw in ON
     raise ValueError(f"${name} must be on or off, got {raw!r}")
 
 
@@ -153,10 +154,8 @@ def batching_enabled(raw: str, device: str, gpu: bool) -> bool:
     mode = (raw or "").strip().lower()
     if mode in ("", "auto"):
         return gpu and device.strip().lower() != "cpu"
-    if mode in ("1", "true", "on", "yes"):
-        return True
-    if mode in ("0", "false", "off", "no"):
-        return False
+    if mode in ON or mode in OFF:
+        return mode in ON
     raise ValueError(f"$ADAPTSERVE_BATCHING must be on, off or auto, got {raw!r}")
 
 
