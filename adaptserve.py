@@ -36,7 +36,8 @@ def _add_train(sub) -> None:
     defaults = TrainConfig()
     helps = {"method": "/".join(METHODS), "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, resnet18, resnet50",
              "eval": "dataset to report target accuracy on (default: the target's test split)",
-             "select": "best.pt chosen by im (label-free) or target_acc"}
+             "select": "best.pt chosen by im (label-free) or target_acc",
+             "optimizer": "sgd (momentum, nesterov apply) or adam"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -96,7 +97,8 @@ def cmd_eval(args) -> int:
     path = ckpt_io.find(args.run_dir, args.checkpoint)
     state = ckpt_io.load(path)
     meta = state["meta"]
-    model, _ = build_model(meta["arch"], len(meta["classes"]), meta["method"])
+    model, _ = build_model(meta["arch"], len(meta["classes"]), meta["method"],
+                           disc_bn=meta.get("disc_bn", False))
     model.load_state_dict(state["model"])
     device = pick_device(args.device)
     model.to(device)

@@ -4,7 +4,8 @@
         --out benchmarks/runs/accuracy [--pairs mnist:mnist_m mnist:usps usps:mnist] [--methods ...]
 
 ``--batch-size`` and ``--lr`` override the trainer's defaults (TLlib's digit recipe: batch 128, lr 0.1 for
-USPS→MNIST). Each run is an ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are
+USPS→MNIST); ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train --config``
+does (e.g. ``benchmarks/recipes/fungtion_mnist_m.yaml``); the flags here win over it. Each run is an ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are
 skipped, so the script can be stopped and started again; ``--report`` prints the table of all finished runs. Prints a markdown table of last-step target
 accuracy (mean ± std over seeds) with the published anchors beside it, and writes ``results.json``.
 """
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=None, help="per domain (default: the trainer's, 64)")
     ap.add_argument("--lr", type=float, default=None, help="μ0 (default: the trainer's, 0.01)")
+    ap.add_argument("--config", type=Path, help="YAML file of trainer options (arch, optimizer, ...)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/accuracy"))
     ap.add_argument("--report", action="store_true", help="train nothing: print the table of every finished run under --out")
     args = ap.parse_args()
@@ -46,6 +48,10 @@ def main() -> None:
         print(table([finished(p.parent) for p in sorted(args.out.glob("*/*/summary.json"))]))
         return
 
+    import yaml
+
+    recipe = {k.replace("-", "_"): v for k, v in (yaml.safe_load(args.config.read_text()) or {}).items()} \
+        if args.config else {}
     results = []
     # seeds outermost: a benchmark cut short still has every method at the first seeds
     for pair in args.pairs:
@@ -55,8 +61,9 @@ def main() -> None:
                 out = args.out / f"{source}-{target}" / f"{method}-s{seed}"
                 if not (out / "summary.json").exists():
                     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-                    cfg = TrainConfig(source=source, target=target, method=method, arch=ARCH[pair], seed=seed,
-                                      steps=args.steps, threads=args.threads, tsne=seed == args.seeds[0], **extra)
+                    cfg = TrainConfig.from_sources(None, **{"arch": ARCH[pair], **recipe, **extra},
+                                                   source=source, target=target, method=method, seed=seed,
+                                                   steps=args.steps, threads=args.threads, tsne=seed == args.seeds[0])
                     summary = run(cfg, out, progress=False)
                     print(f"{pair} {method} seed {seed}: target {summary['target_acc']:.2%} "
                           f"({summary['wall_time_s']:.0f} s)", flush=True)
@@ -71,23 +78,27 @@ def finished(run_dir: Path) -> dict:
 
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return {**summary, "batch_size": cfg["batch_size"], "lr": cfg["lr"]}
+    recipe = [cfg.get("optimizer", "sgd")] + [name for key, name in (("bn_per_domain", "BN per domain"),
+                                                                     ("disc_bn", "G_d BN")) if cfg.get(key)]
+    return {**summary, "batch_size": cfg["batch_size"], "lr": cfg["lr"], "recipe": ", ".join(recipe)}
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| pair | arch | method | steps | batch | lr | seeds | target acc % (mean ± std) | source acc % | wall time / run | published |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| pair | arch | method | recipe | steps | batch | lr | seeds | target acc % (mean ± std) | source acc % | wall time / run | published |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["source"], r["target"], r["method"], r["steps"], r["batch_size"], r["lr"]), []).append(r)
+        key = (r["source"], r["target"], r["method"], r["arch"], r.get("recipe", "sgd"), r["steps"], r["batch_size"], r["lr"])
+        groups.setdefault(key, []).append(r)
     order = {"source-only": 0, "dann": 1, "cdan": 2, "cdan-e": 3}
-    for (source, target, method, steps, batch, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][:2], order[kv[0][2]])):
+    for (source, target, method, arch, recipe, steps, batch, lr), rs in sorted(
+            groups.items(), key=lambda kv: (kv[0][:2], order[kv[0][2]], kv[0][3:])):
         acc = [100 * r["target_acc"] for r in rs]
         src = [100 * r["source_acc"] for r in rs]
         std = f"{statistics.stdev(acc):.1f}" if len(acc) > 1 else "—"
         wall = statistics.mean(r["wall_time_s"] for r in rs)
         pair = f"{source}:{target}"
-        rows.append(f"| {source} → {target} | {rs[0]['arch']} | {method} | {steps} | {batch} | {lr:g} | {len(rs)} | "
+        rows.append(f"| {source} → {target} | {arch} | {method} | {recipe} | {steps} | {batch} | {lr:g} | {len(rs)} | "
                     f"{statistics.mean(acc):.1f} ± {std} | {statistics.mean(src):.1f} | {wall / 60:.1f} min | "
                     f"{ANCHORS.get(pair, '') if method == 'dann' else ''} |")
     return "\n".join(rows)

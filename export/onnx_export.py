@@ -48,7 +48,8 @@ def load_model(path: Path) -> tuple[nn.Module, dict, dict]:
     missing = [k for k in ("arch", "method", "classes", "input_spec") if k not in meta]
     if missing:
         raise ckpt_io.CheckpointError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
-    model, arch = build_model(meta["arch"], len(meta["classes"]), meta["method"])
+    model, arch = build_model(meta["arch"], len(meta["classes"]), meta["method"],
+                              disc_bn=meta.get("disc_bn", False))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:  # missing/unexpected keys, size mismatches

@@ -23,6 +23,7 @@ from service.preprocess import ImageError, InputSpec
 from service.runtime import FILES, IntegrityError, Model
 from train.config import TrainConfig
 from train.data import load
+from train.checkpoint import load as ckpt_io_load
 from train.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,3 +227,22 @@ def test_parity_check_fails_with_the_numbers():
     flipped[0] = flipped[0][::-1]
     with pytest.raises(ExportError, match=" 1 argmax mismatches"):
         check_parity(ref, dict(ref, probabilities=flipped))
+
+
+def test_fungtion_recipe_model_trains_exports_and_matches_pytorch(tmp_path):
+    """Adam, BN per domain and BatchNorm in G_d (benchmarks/recipes/fungtion_mnist_m.yaml) reach the
+    exported graphs: the discriminator's BN runs with its running statistics in ONNX as in PyTorch."""
+    cfg = TrainConfig(arch="dann_mnist_bn28", optimizer="adam", lr=1e-3, lr_schedule=False, weight_decay=0.0,
+                      bn_per_domain=True, disc_bn=True, steps=20, batch_size=32, eval_every=20, threads=1,
+                      tsne=False)
+    run(cfg, tmp_path / "run", progress=False)
+    state = ckpt_io_load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert "exp_avg" in str(state["optimizer"]["state"][0].keys())  # Adam's moments, not SGD's momentum buffer
+    bundle.export(tmp_path / "run", name="test-fungtion", out=tmp_path / "model", n_bootstrap=50)
+    model, meta, _ = load_model(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert meta["disc_bn"] is True
+    x = load("demo-target:test", InputSpec.from_dict(meta["input_spec"])).images[:100]
+    pred = Model.open(tmp_path / "model", device="cpu").predict(x)
+    ref = torch_outputs(model, x)
+    assert np.abs(pred.probabilities - ref["probabilities"]).max() <= 1e-4
+    assert np.abs(pred.p_target - ref["p_target"]).max() <= 1e-4

@@ -65,3 +65,45 @@ def test_resnet_pretrained_weights_from_local_file(tmp_path):
 def test_unknown_arch():
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("vgg99", 10)
+
+
+def test_bn_per_domain_normalises_each_domain_with_its_own_batch_statistics():
+    """split=B: the first BatchNorm sees source and target as two batches (fungtion/DANN), so each half
+    of its output has per-channel mean ≈ 0; with one concatenated batch the two halves are pulled apart."""
+    torch.manual_seed(0)
+    model, _ = build_model("dann_mnist_bn28", 10, "dann")
+    model.train()
+    bn = model.features[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    seen = []
+    bn.register_forward_hook(lambda mod, inp, out: seen.append(out.detach()))
+    B = 16
+    dark = torch.randint(0, 60, (B, 28, 28, 3), dtype=torch.uint8)
+    bright = torch.randint(180, 256, (B, 28, 28, 3), dtype=torch.uint8)
+    x = torch.cat([dark, bright])
+
+    logits, f, d = model(x, 1.0, split=B)
+    assert logits.shape == (2 * B, 10) and d.shape == (2 * B,) and f.shape[0] == 2 * B
+    assert len(seen) == 2
+    for half in seen:
+        assert half.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+
+    seen.clear()
+    model(x, 1.0)
+    (joint,) = seen
+    source_means = joint[:B].mean(dim=(0, 2, 3))
+    assert source_means.abs().max() > 0.3
+
+
+def test_discriminator_batchnorm_option():
+    plain, _ = build_model("dann_mnist_bn28", 10, "dann")
+    with_bn, _ = build_model("dann_mnist_bn28", 10, "dann", disc_bn=True)
+    kinds = lambda m: [type(layer).__name__ for layer in m.discriminator.net]  # noqa: E731
+    assert kinds(plain) == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds(with_bn) == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+
+
+def test_optimizer_choice_is_validated():
+    assert TrainConfig(optimizer="adam").validate().optimizer == "adam"
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        TrainConfig(optimizer="rmsprop").validate()

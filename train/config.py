@@ -27,6 +27,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = False
+    optimizer: str = "sgd"           # sgd (the paper's) | adam (fungtion/DANN's: lr 1e-3, no schedule, no decay)
+    bn_per_domain: bool = False      # source and target through BatchNorm as two batches (fungtion/DANN) not one
+    disc_bn: bool = False            # BatchNorm in G_d's hidden layers (fungtion/DANN, TLlib); default: dropout only
     backbone_lr_mult: float = 0.1    # resnet backbone lr = lr × this
     gamma: float = 10.0              # λ_p schedule
     lambda_max: float = 1.0          # λ_p is scaled by this (DANN users tune it up to 10×)
@@ -55,6 +58,8 @@ class TrainConfig:
             raise ValueError("--steps and --batch-size must be positive")
         if not 0.0 <= self.target_holdout < 1.0:
             raise ValueError("--target-holdout must be in [0, 1)")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
         if self.select not in ("im", "target_acc"):
             raise ValueError("--select must be im or target_acc")
         if self.lambda_max < 0:

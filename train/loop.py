@@ -1,7 +1,7 @@
 """The training loop, top to bottom: data → model → optimiser → steps (eval, checkpoint) → plots, summary.
 
 One step draws B source and B target images, runs them through the network in *one* concatenated
-batch (so BatchNorm sees both domains together), and minimises
+batch (so BatchNorm sees both domains together; ``--bn-per-domain``: as two batches), and minimises
 
     CE(source logits, source labels) + domain_loss(G_d(R_λ(f)))     (see train/dann.py)
 
@@ -129,7 +129,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     data = load_domains(cfg, ARCH_INPUT[cfg.arch])
     classes = data["source"].classes
     torch.manual_seed(cfg.seed + rank)
-    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained)  # DDP broadcasts rank 0 weights
+    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn)  # DDP broadcasts rank 0's
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D conv weights only; the math is unchanged
@@ -141,12 +141,15 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         xs_all, ys_all, xt_all = xs_all.to(device), ys_all.to(device), xt_all.to(device)
 
     groups = param_groups(model, arch, cfg)
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.nesterov)
     sampler = torch.Generator().manual_seed(cfg.seed)  # shared by all ranks: each takes its slice
     meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
             "input_spec": arch.input_spec.to_dict(), "source": cfg.source, "target": cfg.target,
-            "target_holdout": cfg.target_holdout}
+            "target_holdout": cfg.target_holdout, "disc_bn": cfg.disc_bn}
 
     start, best, history = 0, None, []
     ckdir = out / "checkpoints"
@@ -215,7 +218,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         y = ys_all[idx_s].to(device, non_blocking=True)
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, _, d = net(x, lam)
+            logits, _, d = net(x, lam, B if cfg.bn_per_domain else None)
             loss_cls = F.cross_entropy(logits[:B].float(), y)
             weights = entropy_weights(logits.float().softmax(1), B) if cfg.method == "cdan-e" else None
             loss_dom = domain_loss(d, B, weights)

@@ -54,12 +54,14 @@ class DomainDiscriminator(nn.Module):
     """G_d: features (N,D) [, class probabilities (N,K)] → domain logit (N,); P(target) = sigmoid.
 
     ``conditional=True`` is CDAN's input, the multilinear map f ⊗ p (flattened, D·K), replaced by the
-    randomized map (R_f f) ⊙ (R_p p)/√r when D·K > 16384 (Long et al. 2018). Dropout, no BatchNorm:
-    BN makes the discriminator win too easily (a failure mode DANN users report).
+    randomized map (R_f f) ⊙ (R_p p)/√r when D·K > 16384 (Long et al. 2018). Hidden layers are
+    Linear-ReLU-Dropout(0.5) by default; ``bn=True`` makes them Linear-BatchNorm-ReLU as in fungtion/DANN
+    and TLlib (with one concatenated batch BN can make the discriminator win too easily, a failure mode
+    DANN users report; fungtion/DANN pairs it with per-domain batches).
     """
 
     def __init__(self, in_features: int, hidden: int, layers: int = 2, num_classes: int = 0,
-                 conditional: bool = False, random_dim: int = 1024):
+                 conditional: bool = False, random_dim: int = 1024, bn: bool = False):
         super().__init__()
         self.conditional = conditional
         self.randomized = conditional and in_features * num_classes > 16384
@@ -71,7 +73,8 @@ class DomainDiscriminator(nn.Module):
             d_in = in_features * num_classes if conditional else in_features
         blocks, width = [], d_in
         for _ in range(layers - 1):
-            blocks += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5)]
+            blocks += ([nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)] if bn else
+                       [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(0.5)])
             width = hidden
         self.net = nn.Sequential(*blocks, nn.Linear(width, 1))
 
@@ -94,7 +97,13 @@ class DANN(nn.Module):
         self.normalize, self.features = normalize, features
         self.classifier, self.discriminator = classifier, discriminator
 
-    def forward(self, x: torch.Tensor, coeff: float = 0.0):
+    def forward(self, x: torch.Tensor, coeff: float = 0.0, split: int | None = None):
+        """``split=B``: rows ``[:B]`` and ``[B:]`` (source, target) go through the network as two batches,
+        so in training every BatchNorm normalises each domain with its own statistics (fungtion/DANN's
+        two forward passes); outputs are concatenated back. ``None``: one batch."""
+        if split is not None:
+            halves = [self(part, coeff) for part in (x[:split], x[split:])]
+            return tuple(torch.cat(outs) for outs in zip(*halves))
         f = self.features(self.normalize(x))
         logits = self.classifier(f)
         d = self.discriminator(grad_reverse(f, coeff), logits.detach().softmax(1))
@@ -167,9 +176,10 @@ def _mlp(dims: list[int], bn: bool = False, dropout: float = 0.0) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: str | None = None
-                ) -> tuple[DANN, Arch]:
-    """Build ``arch`` for ``num_classes``; ``method`` in cdan/cdan-e makes G_d conditional."""
+def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: str | None = None,
+                disc_bn: bool = False) -> tuple[DANN, Arch]:
+    """Build ``arch`` for ``num_classes``; ``method`` in cdan/cdan-e makes G_d conditional; ``disc_bn``
+    puts BatchNorm in G_d's hidden layers."""
     if arch not in ARCH_INPUT:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCH_INPUT)}")
     spec = ARCH_INPUT[arch]
@@ -196,7 +206,7 @@ def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: s
         backbone_prefix = "0."
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if arch.startswith("resnet") else (
         DIGIT_MEAN[: spec.channels], DIGIT_STD[: spec.channels])
-    disc = DomainDiscriminator(dim, hidden, depth, num_classes, conditional)
+    disc = DomainDiscriminator(dim, hidden, depth, num_classes, conditional, bn=disc_bn)
     return DANN(Normalize(mean, std), features, classifier, disc), Arch(arch, spec, backbone_prefix)
 
 
