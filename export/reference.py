@@ -85,6 +85,9 @@ def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstr
     if window > n_cal or window < 2:
         raise ValueError(f"window {window} does not fit a calibration pool of {n_cal}")
     rng = np.random.default_rng(seed)
+    ks_table = drift.ks_pvalue_table(len(ref["p_target"]), window)
+    if ks_table is not None:
+        drift.seed_ks_pvalues(len(ref["p_target"]), window, ks_table)  # the bootstrap below uses it too
     with drift.one_blas_thread():  # ~1,000 small products: BLAS threads cost more than they save
         bandwidth = drift.median_heuristic(ref["projections"], seed=seed)
         yy = drift.offdiag_mean(drift.rbf_kernel(ref["projections"], ref["projections"], bandwidth))
@@ -104,7 +107,7 @@ def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstr
     threshold = float(np.quantile(null_mmd, 1.0 - a))
     alarms = np.stack([null_pd < a, null_pc < a, null_mmd > threshold])
     return {
-        "bandwidth": bandwidth, "mmd_yy": yy, "mmd2_threshold": threshold, "null_mmd2": null_mmd,
+        "bandwidth": bandwidth, "mmd_yy": yy, "ks_p_table": ks_table, "mmd2_threshold": threshold, "null_mmd2": null_mmd,
         "null_p_discriminator": null_pd, "null_p_softmax": null_pc,
         "false_alarm_rate": {"ks_discriminator": float(alarms[0].mean()),
                              "ks_softmax_bonferroni": float(alarms[1].mean()),
@@ -137,6 +140,7 @@ def build(outputs: dict, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP, s
         "alpha_per_test": np.float64(alpha / len(drift.TESTS)),
         "seed": np.int64(seed), "n_reference": np.int64(len(ref_idx)), "n_calibration": np.int64(len(cal_idx)),
         "n_bootstrap": np.int64(n_bootstrap),
+        **({"ks_p_table": c["ks_p_table"]} if c["ks_p_table"] is not None else {}),
     }
     settings = {
         "window": window, "alpha": alpha, "alpha_per_test": alpha / len(drift.TESTS), "tests": list(drift.TESTS),

@@ -106,6 +106,27 @@ def test_mmd_threshold_from_bootstrap_false_alarms_near_alpha_and_detects_shift(
     assert np.mean(np.array(shifted) > thr) >= 0.9
 
 
+@pytest.mark.parametrize("n, m", [(350, 200), (2000, 200), (120, 120)])
+def test_ks_pvalue_table_holds_ks_2samps_p_value_for_every_statistic(n, m):
+    table = drift.ks_pvalue_table(n, m)
+    lcm = np.lcm(n, m)
+    assert table.shape == (lcm + 1,) and table[0] == 1.0 and np.all(np.diff(table[np.isfinite(table)]) <= 0)
+    rng = np.random.default_rng(n + m)
+    seen = set()
+    for shift in np.linspace(0, 0.8, 25):
+        r = ks_2samp(rng.normal(size=n), rng.normal(shift, size=m))
+        h = round(r.statistic * lcm)
+        seen.add(h)
+        assert table[h] == pytest.approx(r.pvalue, rel=1e-12, abs=1e-300)
+    assert len(seen) > 15
+    drift._KS_P.clear()
+    drift.seed_ks_pvalues(n, m, table)
+    assert len(drift._KS_P) == np.isfinite(table).sum()
+    with pytest.raises(ValueError, match="entries"):
+        drift.seed_ks_pvalues(n, m + 1, table)
+    assert drift.ks_pvalue_table(1999, 200) is None  # lcm 399,800: not worth a table
+
+
 def test_reference_file_round_trip_and_check(tmp_path):
     rng = np.random.default_rng(3)
     arrays, settings = build(outputs(700, rng), n_bootstrap=200)
@@ -113,7 +134,9 @@ def test_reference_file_round_trip_and_check(tmp_path):
     assert settings["alpha_per_test"] == pytest.approx(0.01 / 3)
     assert set(settings["empirical_false_alarm_rate"]) == {*drift.TESTS, "any"}
     np.savez(tmp_path / "ref.npz", **arrays)
+    drift._KS_P.clear()
     ref = drift.DriftReference.load(tmp_path / "ref.npz")
+    assert ref.ks_p_table is not None and len(drift._KS_P) > 1000  # seeded from the file: checks need no scipy
     win = outputs(W, rng)
     ok = ref.check(win["p_target"], win["probabilities"], win["features"])
     assert set(ok) == {*drift.TESTS, "drift"} and 0 < ok["mmd_pca"]["p_value"] <= 1
