@@ -23,30 +23,29 @@ class UserError(Exception):
 
 
 def _add_train(sub) -> None:
-    from train.config import METHODS, TrainConfig
+    from train.config import METHODS, TrainConfig, field_help
 
     p = sub.add_parser("train", help="train source-only / DANN / CDAN(-E) into a run directory",
                        description="Adapt a classifier from a labelled source to an unlabelled target. "
-                       + DATA_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       + DATA_HELP)  # every option's help states its default (TrainConfig's)
     p.add_argument("--config", help="YAML file of options (flags override it)")
     p.add_argument("--out", type=Path, help="run directory (default runs/<method>-<source>-<target>-s<seed>)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from checkpoints/last.pt with its saved config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = TrainConfig()
-    helps = {"method": "/".join(METHODS), "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, resnet18, resnet50",
-             "eval": "dataset to report target accuracy on (default: the target's test split)",
-             "select": "best.pt chosen by im (label-free) or target_acc",
-             "optimizer": "sgd (momentum, nesterov apply) or adam"}
+    helps = {**field_help(), "method": "/".join(METHODS),
+             "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, resnet18, resnet50"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"(default {default})")
+                           help=f"{helps.get(f.name, '')} (default {'on' if default else 'off'})".lstrip())
         else:
             kind = type(default) if default is not None else str
-            p.add_argument(flag, type=kind, default=None, help=f"{helps.get(f.name, '')} (default {default})")
+            shown = "" if default is None else f" (default {default})"
+            p.add_argument(flag, type=kind, default=None, help=f"{helps.get(f.name, '')}{shown}".lstrip())
 
 
 def cmd_train(args) -> int:

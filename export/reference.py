@@ -107,7 +107,8 @@ def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstr
     threshold = float(np.quantile(null_mmd, 1.0 - a))
     alarms = np.stack([null_pd < a, null_pc < a, null_mmd > threshold])
     return {
-        "bandwidth": bandwidth, "mmd_yy": yy, "ks_p_table": ks_table, "mmd2_threshold": threshold, "null_mmd2": null_mmd,
+        "bandwidth": bandwidth, "mmd_yy": yy, "ks_p_table": ks_table, "mmd2_threshold": threshold,
+        "null_mmd2": null_mmd,
         "null_p_discriminator": null_pd, "null_p_softmax": null_pc,
         "false_alarm_rate": {"ks_discriminator": float(alarms[0].mean()),
                              "ks_softmax_bonferroni": float(alarms[1].mean()),

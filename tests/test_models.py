@@ -107,3 +107,13 @@ def test_optimizer_choice_is_validated():
     assert TrainConfig(optimizer="adam").validate().optimizer == "adam"
     with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
         TrainConfig(optimizer="rmsprop").validate()
+
+
+def test_every_training_option_has_cli_help():
+    from dataclasses import fields
+
+    from train.config import field_help
+
+    helps = field_help()
+    assert helps["bn_per_domain"].startswith("source and target through BatchNorm")
+    assert [f.name for f in fields(TrainConfig) if not helps.get(f.name)] == []

@@ -5,6 +5,8 @@ The resolved config is written to ``RUN_DIR/config.yaml``; ``--resume RUN_DIR`` 
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -15,41 +17,41 @@ METHODS = ("source-only", "dann", "cdan", "cdan-e")
 
 @dataclass
 class TrainConfig:
-    source: str = "demo-source"
-    target: str = "demo-target"
-    eval: str | None = None          # default: the target's test split (or its training part)
+    source: str = "demo-source"     # labelled source dataset spec
+    target: str = "demo-target"     # unlabelled target dataset spec (labels, if any, are only used to report)
+    eval: str | None = None          # dataset for target accuracy; default: the target's test split (or training part)
     method: str = "dann"             # source-only | dann | cdan | cdan-e
     arch: str = "auto"               # auto: lenet if USPS is involved, resnet50 for folders, else dann_mnist
     pretrained: str | None = None    # local .pth state dict for resnet backbones (never downloaded)
-    steps: int = 2000
+    steps: int = 2000                # optimiser steps; the λ and lr schedules run over them
     batch_size: int = 64             # per domain and per process: each step sees B source + B target
-    lr: float = 0.01                 # μ0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
+    lr: float = 0.01                 # μ0, the initial learning rate
+    momentum: float = 0.9            # SGD momentum
+    weight_decay: float = 5e-4       # L2 weight decay
+    nesterov: bool = False           # Nesterov momentum (SGD)
     optimizer: str = "sgd"           # sgd (the paper's) | adam (fungtion/DANN's: lr 1e-3, no schedule, no decay)
     bn_per_domain: bool = False      # source and target through BatchNorm as two batches (fungtion/DANN) not one
     disc_bn: bool = False            # BatchNorm in G_d's hidden layers (fungtion/DANN, TLlib); default: dropout only
     backbone_lr_mult: float = 0.1    # resnet backbone lr = lr × this
-    gamma: float = 10.0              # λ_p schedule
+    gamma: float = 10.0              # γ of λ_p = 2/(1+e^(−γp)) − 1
     lambda_max: float = 1.0          # λ_p is scaled by this (DANN users tune it up to 10×)
-    lr_alpha: float = 10.0           # lr_p = μ0 / (1 + α p)^β
-    lr_beta: float = 0.75
-    lr_schedule: bool = True
-    seed: int = 0
-    eval_every: int = 0              # 0: steps // 10
-    log_every: int = 50
+    lr_alpha: float = 10.0           # α of the lr schedule lr_p = μ0/(1+αp)^β
+    lr_beta: float = 0.75            # β of the lr schedule
+    lr_schedule: bool = True         # lr_p = μ0/(1+αp)^β; off: a constant μ0
+    seed: int = 0                    # seeds weights, sampling and dropout (CPU runs repeat exactly)
+    eval_every: int = 0              # steps between evaluations and checkpoints; 0: steps // 10
+    log_every: int = 50              # steps between metrics.jsonl training records
     eval_samples: int = 10000        # cap on images per eval set
     target_holdout: float = 0.1      # fraction of the target training pool kept out for export's drift reference
     select: str = "im"               # best.pt by: im (label-free information maximisation) | target_acc
-    data_dir: str | None = None
+    data_dir: str | None = None      # where mnist/mnist_m/usps/svhn files are (default $ADAPTSERVE_DATA)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: bool = True                 # mixed precision on CUDA (ignored on CPU)
     cpu_bf16: bool = False           # bfloat16 autocast on the CPU (opt-in: lower precision; fast with AVX512-BF16)
     channels_last: bool = False      # conv weights in NHWC layout too (activations already are; same math)
     compile: bool = False            # torch.compile the model
     threads: int = 0                 # torch intra-op threads on CPU; 0 = torch default
-    tsne: bool = True
+    tsne: bool = True                # t-SNE plot of source vs target features at the end
 
     def validate(self) -> "TrainConfig":
         if self.method not in METHODS:
@@ -101,3 +103,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config option(s): {', '.join(unknown)}")
         return cls(**values)
+
+
+def field_help() -> dict[str, str]:
+    """One line of help per option for the CLI: the comment beside its field in :class:`TrainConfig`."""
+    source = inspect.getsource(TrainConfig)
+    return {m[1]: m[2].strip() for m in re.finditer(r"^    (\w+): [^#\n]*#(.*)$", source, re.M)}

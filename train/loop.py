@@ -129,7 +129,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     data = load_domains(cfg, ARCH_INPUT[cfg.arch])
     classes = data["source"].classes
     torch.manual_seed(cfg.seed + rank)
-    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn)  # DDP broadcasts rank 0's
+    # DDP broadcasts rank 0's weights
+    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D conv weights only; the math is unchanged
