@@ -4,10 +4,12 @@
         --out benchmarks/runs/accuracy [--pairs mnist:mnist_m mnist:usps usps:mnist] [--methods ...]
 
 ``--batch-size`` and ``--lr`` override the trainer's defaults (TLlib's digit recipe: batch 128, lr 0.1 for
-USPS→MNIST); ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train --config``
-does (e.g. ``benchmarks/recipes/fungtion_mnist_m.yaml``); the flags here win over it. Each run is an ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are
-skipped, so the script can be stopped and started again; ``--report`` prints the table of all finished runs. Prints a markdown table of last-step target
-accuracy (mean ± std over seeds) with the published anchors beside it, and writes ``results.json``.
+USPS→MNIST); ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train
+--config`` does (e.g. ``benchmarks/recipes/fungtion_mnist_m.yaml``); the flags here win over it. Each run is an
+ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are skipped, so the script can
+be stopped and started again; ``--report`` prints the table of all finished runs. Prints a markdown table of
+last-step target accuracy (mean ± std over seeds) with the published anchors beside it, and writes
+``results.json``.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ METHODS = ("source-only", "dann", "cdan", "cdan-e")
 
 @dataclass
 class TrainConfig:
-    source: str = "demo-source"     # labelled source dataset spec
-    target: str = "demo-target"     # unlabelled target dataset spec (labels, if any, are only used to report)
+    source: str = "demo-source"      # labelled source dataset spec
+    target: str = "demo-target"      # unlabelled target dataset spec (labels, if any, are only used to report)
     eval: str | None = None          # dataset for target accuracy; default: the target's test split (or training part)
     method: str = "dann"             # source-only | dann | cdan | cdan-e
     arch: str = "auto"               # auto: lenet if USPS is involved, resnet50 for folders, else dann_mnist
