@@ -15,6 +15,7 @@ last-step target accuracy (mean ± std over seeds) with the published anchors be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -50,10 +51,7 @@ def main() -> None:
         print(table([finished(p.parent) for p in sorted(args.out.glob("*/*/summary.json"))]))
         return
 
-    import yaml
-
-    recipe = {k.replace("-", "_"): v for k, v in (yaml.safe_load(args.config.read_text()) or {}).items()} \
-        if args.config else {}
+    recipe = TrainConfig.from_sources(args.config)  # trainer defaults < the --config file (checked once, here)
     results = []
     # seeds outermost: a benchmark cut short still has every method at the first seeds
     for pair in args.pairs:
@@ -63,9 +61,10 @@ def main() -> None:
                 out = args.out / f"{source}-{target}" / f"{method}-s{seed}"
                 if not (out / "summary.json").exists():
                     extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-                    cfg = TrainConfig.from_sources(None, **{"arch": ARCH[pair], **recipe, **extra},
-                                                   source=source, target=target, method=method, seed=seed,
-                                                   steps=args.steps, threads=args.threads, tsne=seed == args.seeds[0])
+                    cfg = dataclasses.replace(recipe, arch=ARCH[pair] if recipe.arch == "auto" else recipe.arch,
+                                              source=source, target=target, method=method, seed=seed,
+                                              steps=args.steps, threads=args.threads, tsne=seed == args.seeds[0],
+                                              **extra)
                     summary = run(cfg, out, progress=False)
                     print(f"{pair} {method} seed {seed}: target {summary['target_acc']:.2%} "
                           f"({summary['wall_time_s']:.0f} s)", flush=True)

@@ -237,7 +237,7 @@ def test_fungtion_recipe_model_trains_exports_and_matches_pytorch(tmp_path):
                       tsne=False)
     run(cfg, tmp_path / "run", progress=False)
     state = ckpt_io_load(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert "exp_avg" in str(state["optimizer"]["state"][0].keys())  # Adam's moments, not SGD's momentum buffer
+    assert "exp_avg" in state["optimizer"]["state"][0]  # Adam's moments, not SGD's momentum buffer
     bundle.export(tmp_path / "run", name="test-fungtion", out=tmp_path / "model", n_bootstrap=50)
     model, meta, _ = load_model(tmp_path / "run" / "checkpoints" / "best.pt")
     assert meta["disc_bn"] is True
