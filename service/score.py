@@ -80,7 +80,7 @@ def drift_tests(result: dict, ref) -> list[dict]:
 @dataclass
 class Batch:
     ids: list                      # path strings or integer indices, one per item
-    images: list                   # uint8 arrays (any size) or None when unreadable
+    images: list | np.ndarray      # uint8 arrays (any size) or None when unreadable; arrays: one (N,H,W[,C])
     errors: list                   # None or a message, one per item
     labels: list | None = None     # true class indices (or None per item), when labelled
 
@@ -145,7 +145,7 @@ def _arrays(path: Path, batch_size: int) -> Source:
         for i in range(0, len(images), batch_size):
             chunk = np.asarray(images[i:i + batch_size])
             n = len(chunk)
-            yield Batch(list(range(i, i + n)), list(chunk), [None] * n,
+            yield Batch(list(range(i, i + n)), chunk, [None] * n,
                         labels[i:i + n].tolist() if labels is not None else None)
 
     return Source("array", len(images), labels is not None, gen())
@@ -297,12 +297,18 @@ class WindowDrift:
 
 # ---------------------------------------------------------------- the job
 
-def _prepare(model, images: list) -> tuple[np.ndarray | None, list[str | None]]:
-    """Bring readable images to the input spec one by one; returns (stacked, per-item error or None)."""
+def _prepare(model, images: list | np.ndarray) -> tuple[np.ndarray | None, list[str | None]]:
+    """Bring readable images to the input spec; returns (stacked, per-item error or None).
+
+    An (N,H,W[,C]) array (the ``.npy``/``.npz`` case) or a list of same-shape images goes through one
+    vectorised call; per item only when that fails, so one bad item costs only itself."""
     spec = model.input_spec
-    shapes = {None if img is None else img.shape for img in images}
-    if len(shapes) == 1 and None not in shapes:  # the array case: one vectorised call, per item only on error
-        stack = np.stack(images)
+    if isinstance(images, np.ndarray):
+        stack = images
+    else:
+        shapes = {None if img is None else img.shape for img in images}
+        stack = np.stack(images) if len(shapes) == 1 and None not in shapes else None
+    if stack is not None:
         try:
             return to_input_spec(stack[..., None] if stack.ndim == 3 else stack, spec), [None] * len(images)
         except ImageError:

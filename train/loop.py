@@ -135,9 +135,10 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D conv weights only; the math is unchanged
     on_device = device.type == "cuda" and data["source"].images.nbytes + data["target"].images.nbytes < 2**31
-    xs_all = torch.as_tensor(np.ascontiguousarray(data["source"].images))
-    ys_all = torch.as_tensor(data["source"].labels)
-    xt_all = torch.as_tensor(np.ascontiguousarray(data["target"].images))
+    # np.require copies read-only (memory-mapped / frombuffer) arrays: torch warns on non-writable memory
+    xs_all = torch.from_numpy(np.require(data["source"].images, requirements=["C", "W"]))
+    ys_all = torch.from_numpy(np.require(data["source"].labels, requirements=["C", "W"]))
+    xt_all = torch.from_numpy(np.require(data["target"].images, requirements=["C", "W"]))
     if on_device:
         xs_all, ys_all, xt_all = xs_all.to(device), ys_all.to(device), xt_all.to(device)
 
