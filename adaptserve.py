@@ -35,7 +35,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = TrainConfig()
     helps = {**field_help(), "method": "/".join(METHODS),
-             "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, resnet18, resnet50"}
+             "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, lenet_bn, resnet18, resnet50"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

@@ -7,7 +7,7 @@ from train.models import ARCH_INPUT, build_model
 from train.loop import param_groups
 from train.config import TrainConfig
 
-DIGIT_ARCHS = ["dann_mnist", "dann_mnist_bn", "dann_mnist_bn28", "dann_svhn", "lenet"]
+DIGIT_ARCHS = ["dann_mnist", "dann_mnist_bn", "dann_mnist_bn28", "dann_svhn", "lenet", "lenet_bn"]
 
 
 @pytest.mark.parametrize("arch", DIGIT_ARCHS + ["resnet18", "resnet50"])

@@ -19,6 +19,8 @@ Architectures (``--arch``):
 - ``dann_svhn``: the paper's SVHN CNN (conv 64-64-128 5×5; G_y fc 3072-2048-K; G_d fc 1024-1024-1),
   input 32×32×3.
 - ``lenet``: LeNet for MNIST↔USPS (conv 20-50 5×5, fc 500; G_d 500-500-1), input 28×28×1.
+- ``lenet_bn``: TLlib's digit classifier — ``lenet`` + its ImageClassifier bottleneck (fc 256 with BN,
+  ReLU) as the features; G_d 1024-1024-1, as in TLlib's digit scripts; input 28×28×1.
 - ``resnet18`` / ``resnet50``: torchvision backbone (ImageNet normalisation) + bottleneck 256 with
   BN; G_d 1024-1024-1; input 224×224×3; backbone lr ×0.1; pretrained weights from a local file only.
 """
@@ -139,6 +141,7 @@ ARCH_INPUT = {
     "dann_mnist_bn28": InputSpec(28, 28, 3),
     "dann_svhn": InputSpec(32, 32, 3),
     "lenet": InputSpec(28, 28, 1),
+    "lenet_bn": InputSpec(28, 28, 1),
     "resnet18": InputSpec(224, 224, 3),
     "resnet50": InputSpec(224, 224, 3),
 }
@@ -196,10 +199,13 @@ def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: s
         features, dim = _conv_features([(64, 5, (3, 2, 1), False, 0), (64, 5, (3, 2, 1), False, 0),
                                         (128, 5, None, False, 0)], 3, 32)
         classifier, (hidden, depth) = _mlp([dim, 3072, 2048, num_classes]), (1024, 3)
-    elif arch == "lenet":
+    elif arch in ("lenet", "lenet_bn"):
         conv, cdim = _conv_features([(20, 5, (2, 2, 0), False, 0), (50, 5, (2, 2, 0), False, 0.5)], 1, 28)
-        features, dim = nn.Sequential(conv, nn.Linear(cdim, 500), nn.ReLU(inplace=True), nn.Dropout(0.5)), 500
-        classifier, (hidden, depth) = nn.Linear(dim, num_classes), (500, 3)
+        layers, dim, hidden = [conv, nn.Linear(cdim, 500), nn.ReLU(inplace=True), nn.Dropout(0.5)], 500, 500
+        if arch == "lenet_bn":  # TLlib's ImageClassifier bottleneck and DomainDiscriminator width
+            layers, dim, hidden = layers + [nn.Linear(500, 256), nn.BatchNorm1d(256), nn.ReLU(inplace=True)], 256, 1024
+        features = nn.Sequential(*layers)
+        classifier, depth = nn.Linear(dim, num_classes), 3
     else:
         features, dim = _resnet(arch, pretrained)
         classifier, (hidden, depth) = nn.Linear(dim, num_classes), (1024, 3)
