@@ -40,7 +40,8 @@ background thread, off the request path, within a time budget (``ADAPTSERVE_DRIF
 arriving during the budget's cool-down, are dropped and counted (``windows_skipped``), so a flood of traffic
 cannot queue unbounded work. State is per worker process (one worker by default).
 
-Environment: ``ADAPTSERVE_MODEL`` (store tag or exported folder; default ``adaptserve-dann:latest``),
+Environment: ``ADAPTSERVE_MODEL`` (store tag or exported folder; default: in a built bento the model it
+bundles, else ``adaptserve-dann:latest``),
 ``ADAPTSERVE_DEVICE`` (auto/cpu/cuda), ``ADAPTSERVE_THREADS`` (ORT intra-op threads, 0 = ORT's choice),
 ``ADAPTSERVE_MAX_IMAGES`` (default 1024 per request), ``ADAPTSERVE_MAX_BYTES`` (default 64 MiB per body),
 ``ADAPTSERVE_DRIFT_WINDOW`` (must equal the model's W if set: the thresholds are calibrated for that W, so
@@ -80,7 +81,27 @@ from service.runtime import Model  # noqa: E402
 log = logging.getLogger("adaptserve.service")
 
 DEFAULT_MODEL = "adaptserve-dann:latest"
-MODEL_SOURCE = os.environ.get("ADAPTSERVE_MODEL", DEFAULT_MODEL)
+
+
+def bundled_model_tag(module_file: str | os.PathLike = __file__) -> str | None:
+    """The exact model tag ``bentoml build`` bundled, when this module runs from a built bento
+    (``<bento>/src/service/service.py`` beside ``<bento>/bento.yaml``); None elsewhere.
+
+    Without it a bento served with no ``ADAPTSERVE_MODEL`` (``bentoml serve adaptserve:latest``, ``docker run``)
+    would look up ``adaptserve-dann:latest`` — in a container a model that is not there, and on a machine
+    with a store the newest local model rather than the one that was built in."""
+    src = Path(module_file).resolve().parents[1]
+    bento_yaml = src.parent / "bento.yaml"
+    if src.name != "src" or not bento_yaml.is_file():
+        return None
+    import yaml
+
+    info = yaml.safe_load(bento_yaml.read_text()) or {}
+    tags = [m["tag"] for s in info.get("services") or [] for m in s.get("models") or []]
+    return tags[0] if len(set(tags)) == 1 else None
+
+
+MODEL_SOURCE = os.environ.get("ADAPTSERVE_MODEL") or bundled_model_tag() or DEFAULT_MODEL
 MODEL_IS_FOLDER = Path(MODEL_SOURCE).is_dir()
 
 

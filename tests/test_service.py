@@ -505,3 +505,11 @@ def test_bentoml_build_bundles_the_service_and_the_model(model, tmp_path):
     assert not [f for f in files if f.startswith(("src/train/", "src/export/", "src/tests/"))], files
     info = yaml.safe_load((Path(bento.path) / "bento.yaml").read_text())
     assert model["tag"] in [m["tag"] for s in info["services"] for m in s["models"]]
+    # served from the bento with no ADAPTSERVE_MODEL (bentoml serve adaptserve:latest, docker run), the service
+    # must load the model that was built in, not whatever adaptserve-dann:latest names in a store
+    src = Path(bento.path) / "src"
+    bare_env = {k: v for k, v in env.items() if k != "ADAPTSERVE_MODEL"} | {"PYTHONPATH": str(src)}
+    r = subprocess.run([sys.executable, "-c", "import service.service as s; print(s.MODEL_SOURCE)"], cwd=src,
+                       env=bare_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == model["tag"]
