@@ -39,14 +39,14 @@ def reference_images(meta: dict, input_spec, spec: str | None, data_root=None) -
     from train.data import DataError, holdout_split, load
 
     if spec:
-        data = load(spec, input_spec, data_root=data_root, classes=meta["classes"])
+        data = load(spec, input_spec, data_root=data_root, classes=meta["classes"], labels_optional=True)
         desc, images = spec, data.images
     else:
         frac = float(meta.get("target_holdout") or 0.0)
         if frac <= 0:
             raise DataError("the run kept no held-out target images (--target-holdout 0); "
                             "pass --reference SPEC with in-distribution target images")
-        pool = load(meta["target"], input_spec, data_root=data_root, classes=meta["classes"])
+        pool = load(meta["target"], input_spec, data_root=data_root, classes=meta["classes"], labels_optional=True)
         _, held = holdout_split(len(pool), frac, groups=pool.groups)
         desc, images = f"{meta['target']} (held-out {frac:g}: {len(held)} of {len(pool)})", pool.images[held]
     if len(images) < MIN_IMAGES:

@@ -116,6 +116,15 @@ def test_folder_labelled_and_unlabelled(tmp_path):
     _png(tmp_path / "tgt" / "deep" / "b.png", 5)
     tgt = load(f"folder:{tmp_path / 'tgt'}", DIGITS32, classes=ds.classes)
     assert tgt.labels is None and len(tgt) == 2
+    # an unlabelled target organised in sub-folders that are not classes (e.g. by camera or date)
+    for sub in ["cam1", "cam2"]:
+        _png(tmp_path / "cams" / sub / "0.png", 7)
+    with pytest.raises(DataError, match="cam1"):  # as an eval set it needs labels: refused
+        load(f"folder:{tmp_path / 'cams'}", DIGITS32, classes=ds.classes)
+    cams = load(f"folder:{tmp_path / 'cams'}", DIGITS32, classes=ds.classes, labels_optional=True)
+    assert cams.labels is None and len(cams) == 2 and cams.classes == ds.classes
+    part = load(f"folder:{tmp_path / 'src'}", DIGITS32, classes=ds.classes, labels_optional=True)
+    assert list(part.labels) == [0, 0, 0, 1, 1, 1]  # a target whose folders are classes keeps its labels
 
 
 def test_folder_errors(tmp_path):

@@ -89,8 +89,12 @@ def parse_spec(spec: str, default_split: str = "train") -> tuple[str, str]:
 
 
 def load(spec: str, input_spec: InputSpec, *, default_split: str = "train",
-         data_root: str | os.PathLike | None = None, classes: list[str] | None = None) -> Dataset:
-    """Load ``spec`` into memory, in ``input_spec``. ``classes`` maps a labelled folder's names."""
+         data_root: str | os.PathLike | None = None, classes: list[str] | None = None,
+         labels_optional: bool = False) -> Dataset:
+    """Load ``spec`` into memory, in ``input_spec``. ``classes`` maps a labelled folder's names.
+
+    ``labels_optional`` (an unlabelled target): a folder whose sub-folders are not all among ``classes`` is
+    read as unlabelled images (any folder tree of images) instead of refused."""
     kind, arg = parse_spec(spec, default_split)
     groups = None
     if kind == "demo-source" or kind == "demo-target":
@@ -98,7 +102,7 @@ def load(spec: str, input_spec: InputSpec, *, default_split: str = "train",
         names = DIGITS
         groups = np.arange(len(images)) // COPIES  # demo_domain keeps the copies of a digit together
     elif kind == "folder":
-        images, labels, names = _load_folder(Path(arg).expanduser(), input_spec, classes)
+        images, labels, names = _load_folder(Path(arg).expanduser(), input_spec, classes, labels_optional)
     elif kind == "npz":
         images, labels = _load_npz(Path(arg).expanduser())
         names = classes or [str(i) for i in range(int(labels.max()) + 1 if labels is not None else 0)]
@@ -230,8 +234,11 @@ def _image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def _load_folder(root: Path, input_spec: InputSpec, classes: list[str] | None):
-    """Class sub-folders → labelled (class names = folder names, sorted); otherwise unlabelled."""
+def _load_folder(root: Path, input_spec: InputSpec, classes: list[str] | None, labels_optional: bool = False):
+    """Class sub-folders → labelled (class names = folder names, sorted); otherwise unlabelled.
+
+    With ``classes`` given, sub-folders must be among them — unless ``labels_optional``, where a folder
+    whose sub-folders are not classes is read as unlabelled images."""
     if not root.is_dir():
         raise DataError(f"folder {root} does not exist")
     subdirs = sorted(p for p in root.iterdir() if p.is_dir())
@@ -243,7 +250,9 @@ def _load_folder(root: Path, input_spec: InputSpec, classes: list[str] | None):
     names = [p.name for p in subdirs] if labelled else list(classes or [])
     if labelled and classes is not None:
         unknown = set(names) - set(classes)
-        if unknown:
+        if unknown and labels_optional:
+            labelled = False
+        elif unknown:
             raise DataError(f"folder {root} has classes {sorted(unknown)} that the source does not have")
         names = list(classes)
     from tqdm import tqdm

@@ -50,7 +50,7 @@ def load_domains(cfg: TrainConfig, input_spec) -> dict[str, Dataset]:
     source = load(cfg.source, input_spec, data_root=cfg.data_dir)
     if source.labels is None:
         raise ValueError(f"the source {cfg.source!r} has no labels (a folder needs class sub-folders)")
-    target_pool = load(cfg.target, input_spec, data_root=cfg.data_dir, classes=source.classes)
+    target_pool = load(cfg.target, input_spec, data_root=cfg.data_dir, classes=source.classes, labels_optional=True)
     train_idx, _ = holdout_split(len(target_pool), cfg.target_holdout, groups=target_pool.groups)
     target = target_pool.subset(train_idx)
     if cfg.eval == cfg.target:  # folder/npz target: evaluate on its training part, never the held-out part
