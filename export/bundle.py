@@ -80,7 +80,7 @@ def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str
     config = _read_optional(run_root / "config.yaml", "yaml") or {}
     summary = _read_optional(run_root / "summary.json", "json") or {}
     spec = InputSpec.from_dict(meta["input_spec"])
-    ref_desc, images = ref_mod.reference_images(meta, spec, reference, data_dir or config.get("data_dir"))
+    ref_desc, images, groups = ref_mod.reference_images(meta, spec, reference, data_dir or config.get("data_dir"))
     if reference and _overlaps(reference, [meta["source"], meta["target"], config.get("eval")]):
         log.warning("--reference %s is data the run trained or evaluated on; the drift reference should be "
                     "held-out in-distribution target images", reference)
@@ -97,7 +97,7 @@ def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str
 
     # drift reference from the exported graphs' own outputs (what the service will compute)
     kw = {"n_bootstrap": n_bootstrap} if n_bootstrap else {}
-    arrays, drift_settings = ref_mod.build(outputs, **kw)
+    arrays, drift_settings = ref_mod.build(outputs, groups=groups, **kw)
     np.savez(work / "drift_reference.npz", **arrays)
     drift_settings["reference"] = ref_desc
     drift_settings["reference_images"] = len(images)

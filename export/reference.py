@@ -34,13 +34,16 @@ REFERENCE_MAX = 2000
 MIN_IMAGES = 256  # parity needs 256 real images; below that the drift split is not meaningful either
 
 
-def reference_images(meta: dict, input_spec, spec: str | None, data_root=None) -> tuple[str, np.ndarray]:
-    """Return (description, uint8 images in ``input_spec``) of the reference; raise ValueError if unusable."""
+def reference_images(meta: dict, input_spec, spec: str | None, data_root=None
+                     ) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """Return (description, uint8 images in ``input_spec``, groups or None) of the reference; raise ValueError
+    if unusable. ``groups`` labels near-copies (the demo's augmented copies of one digit) that must stay on
+    one side of the reference / calibration split."""
     from train.data import DataError, holdout_split, load
 
     if spec:
         data = load(spec, input_spec, data_root=data_root, classes=meta["classes"], labels_optional=True)
-        desc, images = spec, data.images
+        desc, images, groups = spec, data.images, data.groups
     else:
         frac = float(meta.get("target_holdout") or 0.0)
         if frac <= 0:
@@ -49,18 +52,30 @@ def reference_images(meta: dict, input_spec, spec: str | None, data_root=None) -
         pool = load(meta["target"], input_spec, data_root=data_root, classes=meta["classes"], labels_optional=True)
         _, held = holdout_split(len(pool), frac, groups=pool.groups)
         desc, images = f"{meta['target']} (held-out {frac:g}: {len(held)} of {len(pool)})", pool.images[held]
+        groups = pool.groups[held] if pool.groups is not None else None
     if len(images) < MIN_IMAGES:
         raise DataError(f"reference {desc} has {len(images)} images; export needs at least {MIN_IMAGES} "
                         "in-distribution target images (parity check and drift calibration) — pass "
                         "--reference SPEC with more, or train with a larger --target-holdout")
-    return desc, np.ascontiguousarray(images)
+    return desc, np.ascontiguousarray(images), groups
 
 
-def split_pools(n: int, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (reference, calibration): 2,000 reference images if ``n ≥ 4000``, otherwise ``n // 2``."""
+def split_pools(n: int, seed: int = SEED, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (reference, calibration): 2,000 reference images if ``n ≥ 4000``, otherwise ``n // 2``.
+
+    With ``groups``, whole groups go to one side (so about that many): near-copies split across the two
+    pools would make calibration windows look closer to the reference than new data ever is, and the MMD
+    threshold too low — on the demo pair 4 of 10 in-distribution windows alarmed that way."""
     n_ref = REFERENCE_MAX if n >= 2 * REFERENCE_MAX else n // 2
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
+    ids = rng.permutation(np.unique(groups))
+    sizes = np.array([np.count_nonzero(groups == g) for g in ids])
+    ref_ids = ids[: int(np.searchsorted(np.cumsum(sizes), n_ref, side="right"))]
+    in_ref = np.isin(groups, ref_ids)
+    return np.flatnonzero(in_ref), np.flatnonzero(~in_ref)
 
 
 def fit_pca(features: np.ndarray, dims: int = PCA_DIMS) -> tuple[np.ndarray, np.ndarray]:
@@ -117,11 +132,11 @@ def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstr
 
 
 def build(outputs: dict, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP, seed: int = SEED,
-          window_max: int = WINDOW) -> tuple[dict, dict]:
+          window_max: int = WINDOW, groups: np.ndarray | None = None) -> tuple[dict, dict]:
     """From the model's outputs on all reference images — ``p_target`` (n,), ``probabilities`` (n, K),
     ``features`` (n, D) — build the arrays of ``drift_reference.npz`` and the settings for the manifest."""
     n = len(outputs["p_target"])
-    ref_idx, cal_idx = split_pools(n, seed)
+    ref_idx, cal_idx = split_pools(n, seed, groups)
     mean, comps = fit_pca(outputs["features"][ref_idx])
     proj = (np.asarray(outputs["features"], np.float64) - mean) @ comps.T
     ref = {"p_target": outputs["p_target"][ref_idx], "probabilities": outputs["probabilities"][ref_idx],

@@ -84,6 +84,15 @@ def test_ks_tests_false_alarms_near_alpha_and_detect_shifts():
     assert np.mean(power_d) >= 0.9 and np.mean(power_c) >= 0.9
 
 
+def test_split_pools_keeps_groups_of_near_copies_on_one_side():
+    ref, cal = split_pools(1000)
+    assert len(ref) == 500 and len(np.intersect1d(ref, cal)) == 0 and len(ref) + len(cal) == 1000
+    groups = np.repeat(np.arange(150), 6)[:864]  # the demo: 6 augmented copies per digit
+    ref, cal = split_pools(864, groups=groups)
+    assert len(np.intersect1d(groups[ref], groups[cal])) == 0  # no digit on both sides
+    assert sorted(np.concatenate([ref, cal]).tolist()) == list(range(864)) and abs(len(ref) - 432) <= 6
+
+
 def test_mmd_threshold_from_bootstrap_false_alarms_near_alpha_and_detects_shift():
     rng = np.random.default_rng(2)
     pool = outputs(1000, rng)
