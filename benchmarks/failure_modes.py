@@ -26,7 +26,7 @@ from train.evaluate import TrainingDiverged, diagnose  # noqa: E402
 from train.plots import plot_curves, read_metrics  # noqa: E402
 
 # The settings these cases were measured with (docs/troubleshooting.md): the paper CNN with SGD on the demo
-# pair, λ capped at 0.5 (the demo's settings until session 5).
+# pair, λ capped at 0.5 — the demo's settings (adaptserve_demo.DEMO_TRAIN) when they were measured.
 DEMO_ARCH, DEMO_LAMBDA_MAX = "dann_mnist", 0.5
 
 CASES = {

@@ -71,9 +71,9 @@ def split_pools(n: int, seed: int = SEED, groups: np.ndarray | None = None) -> t
     if groups is None:
         perm = rng.permutation(n)
         return np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
-    ids = rng.permutation(np.unique(groups))
-    sizes = np.array([np.count_nonzero(groups == g) for g in ids])
-    ref_ids = ids[: int(np.searchsorted(np.cumsum(sizes), n_ref, side="right"))]
+    ids, sizes = np.unique(groups, return_counts=True)
+    order = rng.permutation(len(ids))
+    ref_ids = ids[order][: int(np.searchsorted(np.cumsum(sizes[order]), n_ref, side="right"))]
     in_ref = np.isin(groups, ref_ids)
     return np.flatnonzero(in_ref), np.flatnonzero(~in_ref)
 
