@@ -33,9 +33,13 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
                    help="continue RUN_DIR from checkpoints/last.pt with its saved config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    defaults = TrainConfig()
+    defaults = TrainConfig(recipe="auto")  # what the CLI starts from; the recipe's values show in docs/training.md
     helps = {**field_help(), "method": "/".join(METHODS),
-             "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, lenet_bn, resnet18, resnet50"}
+             "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, lenet_bn, resnet18, resnet50",
+             "recipe": "the defaults the other options start from: auto (the measured best for the architecture "
+                       "family: digits for 28/32-px digit CNNs, lenet for USPS pairs, resnet for folders), paper "
+                       "(Ganin et al.'s SGD recipe, the old default), digits, lenet, resnet — train/recipes.py, "
+                       "docs/training.md"}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -56,7 +60,7 @@ def cmd_train(args) -> int:
         cfg_file = args.resume / "config.yaml"
         if not cfg_file.is_file():
             raise UserError(f"--resume {args.resume}: no config.yaml there (not a run directory)")
-        cfg = TrainConfig.from_sources(cfg_file)
+        cfg = TrainConfig.from_sources(cfg_file, default_recipe="paper")  # a run saved before recipes: the paper's
         out = args.resume
     else:
         overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
@@ -91,14 +95,9 @@ def cmd_eval(args) -> int:
     from train.data import load
     from train.evaluate import accuracy, information_maximization, predict
     from train.loop import pick_device
-    from train.models import build_model
 
     path = ckpt_io.find(args.run_dir, args.checkpoint)
-    state = ckpt_io.load(path)
-    meta = state["meta"]
-    model, _ = build_model(meta["arch"], len(meta["classes"]), meta["method"],
-                           disc_bn=meta.get("disc_bn", False))
-    model.load_state_dict(state["model"])
+    model, meta, state = ckpt_io.load_model(path)  # the EMA weights when the run kept them, as export uses
     device = pick_device(args.device)
     model.to(device)
     data = load(args.eval, InputSpec.from_dict(meta["input_spec"]), default_split="test",
@@ -146,6 +145,8 @@ def cmd_export(args) -> int:
     print(f"parity: {par['images']} images, max |Δp| {par['max_abs_diff_probabilities']:.1e}; drift reference: "
           f"{drift['n_reference']} + {drift['n_calibration']} calibration images, window {drift['window']}"
           + (f"; run target acc {acc:.2%}" if acc is not None else ""), file=sys.stderr)
+    for warning in drift.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.out:
         print(f"files also written to {args.out}", file=sys.stderr)
     print(tag)

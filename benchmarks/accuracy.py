@@ -3,8 +3,9 @@
     ADAPTSERVE_DATA=../shared/data python benchmarks/accuracy.py --steps 3000 --seeds 0 1 2 \
         --out benchmarks/runs/accuracy [--pairs mnist:mnist_m mnist:usps usps:mnist] [--methods ...]
 
-``--batch-size`` and ``--lr`` override the trainer's defaults (TLlib's digit recipe: batch 128, lr 0.1 for
-USPS→MNIST); ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train
+Each run starts from ``--recipe`` (default ``auto``: the trainer's default, the measured best recipe for the
+pair's architecture family; ``paper`` gives the runs of docs/benchmarks.md §1–1c). ``--batch-size`` and ``--lr``
+override it (TLlib's digit setting: batch 128, lr 0.1 for USPS→MNIST); ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train
 --config`` does (e.g. ``benchmarks/recipes/fungtion_mnist_m.yaml``); the flags here win over it. Each run is an
 ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are skipped, so the script can
 be stopped and started again; ``--report`` prints the table of all finished runs. Prints a markdown table of
@@ -15,7 +16,6 @@ last-step target accuracy (mean ± std over seeds) with the published anchors be
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train.config import TrainConfig  # noqa: E402
 from train.loop import run  # noqa: E402
 
-ARCH = {"mnist:mnist_m": "dann_mnist", "mnist:usps": "lenet", "usps:mnist": "lenet"}
+PAIRS = ("mnist:mnist_m", "mnist:usps", "usps:mnist")
 ANCHORS = {
     "mnist:mnist_m": "paper 52.3 → 76.7; wogong/pytorch-dann 84.0; fungtion/DANN ≈ 90",
     "mnist:usps": "TLlib DANN 91.7; s-chh 88.4",
@@ -36,13 +36,14 @@ ANCHORS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", nargs="+", default=list(ARCH))
+    ap.add_argument("--pairs", nargs="+", default=list(PAIRS))
     ap.add_argument("--methods", nargs="+", default=["source-only", "dann", "cdan-e"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=None, help="per domain (default: the trainer's, 64)")
-    ap.add_argument("--lr", type=float, default=None, help="μ0 (default: the trainer's, 0.01)")
+    ap.add_argument("--recipe", default="auto", help="trainer recipe (train/recipes.py); paper = the runs of §1–1c")
+    ap.add_argument("--batch-size", type=int, default=None, help="per domain (default: the recipe's)")
+    ap.add_argument("--lr", type=float, default=None, help="μ0 (default: the recipe's)")
     ap.add_argument("--config", type=Path, help="YAML file of trainer options (arch, optimizer, ...)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/accuracy"))
     ap.add_argument("--report", action="store_true", help="train nothing: print the table of every finished run under --out")
@@ -51,7 +52,7 @@ def main() -> None:
         print(table([finished(p.parent) for p in sorted(args.out.glob("*/*/summary.json"))]))
         return
 
-    recipe = TrainConfig.from_sources(args.config)  # trainer defaults < the --config file (checked once, here)
+    TrainConfig.from_sources(args.config, recipe=args.recipe)  # an unknown key fails now, before any run
     results = []
     # seeds outermost: a benchmark cut short still has every method at the first seeds
     for pair in args.pairs:
@@ -60,11 +61,11 @@ def main() -> None:
             for method in args.methods:
                 out = args.out / f"{source}-{target}" / f"{method}-s{seed}"
                 if not (out / "summary.json").exists():
-                    extra = {k: v for k, v in (("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-                    cfg = dataclasses.replace(recipe, arch=ARCH[pair] if recipe.arch == "auto" else recipe.arch,
-                                              source=source, target=target, method=method, seed=seed,
-                                              steps=args.steps, threads=args.threads, tsne=seed == args.seeds[0],
-                                              **extra)
+                    # trainer defaults < the recipe (auto: by the pair's architecture family) < --config < flags
+                    cfg = TrainConfig.from_sources(args.config, recipe=args.recipe, source=source, target=target,
+                                                   method=method, seed=seed, steps=args.steps,
+                                                   threads=args.threads, tsne=seed == args.seeds[0],
+                                                   batch_size=args.batch_size, lr=args.lr)
                     summary = run(cfg, out, progress=False)
                     print(f"{pair} {method} seed {seed}: target {summary['target_acc']:.2%} "
                           f"({summary['wall_time_s']:.0f} s)", flush=True)

@@ -33,9 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_export import _Classifier, export_graphs, load_model  # noqa: E402
+from export.onnx_export import _Classifier, export_graphs  # noqa: E402
 from service.runtime import session  # noqa: E402
 from train import checkpoint as ckpt_io  # noqa: E402
+from train.checkpoint import load_model  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 

@@ -69,14 +69,14 @@ def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str
           data_dir: str | None = None, n_bootstrap: int | None = None) -> dict:
     """Write the model files and ``manifest.json`` into the empty folder ``work``; return the manifest."""
     from export import reference as ref_mod
-    from export.onnx_export import OPSET, PARITY_MAX, check_parity, export_graphs, load_model, torch_outputs
+    from export.onnx_export import OPSET, PARITY_MAX, check_parity, export_graphs, torch_outputs
     from service.preprocess import InputSpec
     from train import checkpoint as ckpt_io
 
     t0 = time.perf_counter()
     ckpt_path = ckpt_io.find(run_dir, checkpoint)
     run_root = ckpt_path.parent.parent if Path(run_dir).is_file() else Path(run_dir)
-    model, meta, state = load_model(ckpt_path)
+    model, meta, state = ckpt_io.load_model(ckpt_path)
     config = _read_optional(run_root / "config.yaml", "yaml") or {}
     summary = _read_optional(run_root / "summary.json", "json") or {}
     spec = InputSpec.from_dict(meta["input_spec"])
@@ -100,6 +100,8 @@ def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str
     arrays, drift_settings = ref_mod.build(outputs, groups=groups, **kw)
     np.savez(work / "drift_reference.npz", **arrays)
     drift_settings["reference"] = ref_desc
+    for w in drift_settings["warnings"]:
+        log.warning("drift reference: %s", w)
     drift_settings["reference_images"] = len(images)
 
     accuracies = {k: summary[k] for k in ("target_acc", "best_target_acc", "source_acc", "domain_acc", "pad", "im")

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from train import checkpoint as ckpt_io
 
 OPSET = 18
 ATOL = 1e-4  # max |p_onnx − p_torch| allowed on probabilities (and P(target))
@@ -37,31 +36,6 @@ log = logging.getLogger("adaptserve.export")
 
 class ExportError(ValueError):
     """The exported graph is invalid or disagrees with PyTorch."""
-
-
-def load_model(path: Path) -> tuple[nn.Module, dict, dict]:
-    """Checkpoint file → (DANN model in eval mode on the CPU, meta, checkpoint dict)."""
-    from train.models import build_model
-
-    state = ckpt_io.load(path)  # map_location="cpu": a CUDA-trained checkpoint loads the same way
-    meta = state["meta"]
-    missing = [k for k in ("arch", "method", "classes", "input_spec") if k not in meta]
-    if missing:
-        raise ckpt_io.CheckpointError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
-    model, arch = build_model(meta["arch"], len(meta["classes"]), meta["method"],
-                              disc_bn=meta.get("disc_bn", False))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:  # missing/unexpected keys, size mismatches
-        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
-        detail = "; ".join(lines)[:300]
-        raise ckpt_io.CheckpointError(
-            f"{path}: the weights do not fit architecture {meta['arch']!r} with {len(meta['classes'])} classes "
-            f"and method {meta['method']!r} recorded in the checkpoint ({detail})") from None
-    if arch.input_spec.to_dict() != meta["input_spec"]:
-        raise ckpt_io.CheckpointError(f"{path}: input spec {meta['input_spec']} does not match {meta['arch']} "
-                                      f"({arch.input_spec.to_dict()})")
-    return model.cpu().eval(), meta, state
 
 
 class _Classifier(nn.Module):

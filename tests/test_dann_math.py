@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train.dann import dann_lambda, domain_loss, entropy, entropy_weights, grad_reverse, lr_factor
+from train.dann import dann_lambda, domain_loss, entropy, entropy_weights, grad_reverse, lr_factor, tail_factor
 
 
 @pytest.mark.parametrize("coeff", [0.0, 0.37, 1.0, 10.0])
@@ -58,3 +58,12 @@ def test_entropy_and_cdan_e_weights():
     w = entropy_weights(p, 2)
     assert w[:2].mean().item() == pytest.approx(1.0) and w[2:].mean().item() == pytest.approx(1.0)
     assert w[0] > w[1] and w[2] > w[3]  # confident examples weigh more
+
+
+def test_tail_factor_is_a_cosine_to_zero_over_the_last_fraction():
+    assert tail_factor(0.5, 0.0) == 1.0 and tail_factor(0.99, 0.0) == 1.0
+    assert tail_factor(0.75, 0.25) == 1.0 and tail_factor(0.2, 0.25) == 1.0
+    assert tail_factor(0.875, 0.25) == pytest.approx(0.5)
+    assert tail_factor(1.0, 0.25) == pytest.approx(0.0, abs=1e-12)
+    values = [tail_factor(p / 100, 0.25) for p in range(75, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))

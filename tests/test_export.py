@@ -18,7 +18,8 @@ import torch
 
 import adaptserve
 from export import bundle
-from export.onnx_export import load_model, torch_outputs
+from export.onnx_export import torch_outputs
+from train.checkpoint import load_model
 from service.preprocess import ImageError, InputSpec
 from service.runtime import FILES, IntegrityError, Model
 from train.config import TrainConfig

@@ -42,8 +42,9 @@ def test_run_writes_every_artifact(tmp_path):
 
 
 def test_dann_beats_source_only_on_the_demo_target(tmp_path, cli):
-    """The demo's promise, with the demo's own settings (a shorter schedule would test something else); the
-    two runs side by side, one thread each, as the demo runs them."""
+    """The demo's promise, with the demo's own settings — the default recipe (a shorter schedule would test
+    something else); the two runs side by side, one thread each, as the demo runs them. The test asks for +15
+    points (docs/benchmarks.md §2 has the measured gain over 3 seeds)."""
     from adaptserve_demo import DEMO_STEPS, DEMO_TRAIN, train_flags
 
     procs = {m: subprocess.Popen(cli + ["train", "--method", m, *train_flags(DEMO_TRAIN), "--steps", str(DEMO_STEPS),
@@ -56,7 +57,7 @@ def test_dann_beats_source_only_on_the_demo_target(tmp_path, cli):
         assert p.returncode == 0, err[-3000:]
     so, da = (json.loads((tmp_path / m / "summary.json").read_text()) for m in procs)
     assert so["source_acc"] > 0.8 and da["source_acc"] > 0.8
-    assert da["target_acc"] > so["target_acc"] + 0.05, (so["target_acc"], da["target_acc"])
+    assert da["target_acc"] > so["target_acc"] + 0.15, (so["target_acc"], da["target_acc"])
     assert da["domain_acc"] < so["domain_acc"]
 
 
@@ -102,6 +103,9 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cli):
     assert b["step"] == steps
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["ema"] is not None and a["ema"]["updates"] == b["ema"]["updates"] == steps  # the default keeps an EMA
+    for k in a["ema"]["model"]:
+        assert torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]), k
     lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
     steps_logged = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "eval"]
     assert steps_logged == list(range(10, steps + 1, 10))  # no duplicates, nothing lost
@@ -131,7 +135,9 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, cli):
         (["train", "--resume", str(tmp_path)], "no config.yaml"),
         (["eval", str(tmp_path), "--eval", "demo-target"], "no checkpoint best.pt"),
         (["train", "--lambda-max", "-1"], "--lambda-max must be >= 0"),
-        (["train", "--lr", "1e6", "--steps", "20", "--eval-every", "10", "--batch-size", "16", "--threads", "1",
+        (["train", "--recipe", "magic"], "unknown recipe"),
+        (["train", "--ema", "1.5"], "--ema must be in [0, 1)"),
+        (["train", "--recipe", "paper", "--lr", "1e6", "--steps", "20", "--eval-every", "10", "--batch-size", "16", "--threads", "1",
           "--no-tsne", "--out", str(tmp_path / "diverged")], "training diverged"),
     ]
     for args, message in cases:

@@ -3,7 +3,11 @@
 
 A checkpoint is a dict of tensors and plain values::
 
-    {"model", "optimizer", "step", "rng", "sampler", "best", "meta"}
+    {"model", "optimizer", "step", "rng", "sampler", "best", "meta"[, "ema"]}
+
+``model`` holds the optimiser's weights (``--resume`` continues from them); ``ema``, when the run keeps
+an EMA of the weights (``--ema``), holds ``{"model": EMA weights with recomputed BN statistics,
+"updates", "decay"}`` — the weights :func:`load_model` gives eval and export.
 
 ``meta`` carries what export needs without the config: arch, method, classes, input spec.
 """
@@ -72,3 +76,33 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_model(path: Path, weights: str = "shipped"):
+    """Checkpoint file → (DANN model in eval mode on the CPU, meta, checkpoint dict).
+
+    ``weights="shipped"``: the EMA weights when the run kept them (``--ema``; what eval and export use),
+    else the trained ones; ``"trained"``: always the optimiser's own weights (what ``--resume`` continues).
+    """
+    from train.models import build_model
+
+    state = load(path)  # map_location="cpu": a CUDA-trained checkpoint loads the same way
+    meta = state["meta"]
+    missing = [k for k in ("arch", "method", "classes", "input_spec") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
+    model, arch = build_model(meta["arch"], len(meta["classes"]), meta["method"],
+                              disc_bn=meta.get("disc_bn", False))
+    use_ema = weights == "shipped" and state.get("ema") is not None
+    try:
+        model.load_state_dict(state["ema"]["model"] if use_ema else state["model"])
+    except RuntimeError as e:  # missing/unexpected keys, size mismatches
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        detail = "; ".join(lines)[:300]
+        raise CheckpointError(
+            f"{path}: the weights do not fit architecture {meta['arch']!r} with {len(meta['classes'])} classes "
+            f"and method {meta['method']!r} recorded in the checkpoint ({detail})") from None
+    if arch.input_spec.to_dict() != meta["input_spec"]:
+        raise CheckpointError(f"{path}: input spec {meta['input_spec']} does not match {meta['arch']} "
+                              f"({arch.input_spec.to_dict()})")
+    return model.cpu().eval(), meta, state

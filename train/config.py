@@ -12,11 +12,15 @@ from pathlib import Path
 
 import yaml
 
+from train import recipes
+
 METHODS = ("source-only", "dann", "cdan", "cdan-e")
+SELECTORS = ("im", "entropy", "snd", "dev", "last", "target_acc")
 
 
 @dataclass
 class TrainConfig:
+    recipe: str = "paper"            # auto: the measured best for the arch family | paper | digits | lenet | resnet
     source: str = "demo-source"      # labelled source dataset spec
     target: str = "demo-target"      # unlabelled target dataset spec (labels, if any, are only used to report)
     eval: str | None = None          # dataset for target accuracy; default: the target's test split (or training part)
@@ -38,12 +42,14 @@ class TrainConfig:
     lr_alpha: float = 10.0           # α of the lr schedule lr_p = μ0/(1+αp)^β
     lr_beta: float = 0.75            # β of the lr schedule
     lr_schedule: bool = True         # lr_p = μ0/(1+αp)^β; off: a constant μ0
+    lr_decay_tail: float = 0.0       # fraction of the last steps over which the lr falls to 0 (cosine); 0: none
+    ema: float = 0.0                 # decay of an EMA of the weights that eval, best.pt and export use; 0: off
     seed: int = 0                    # seeds weights, sampling and dropout (CPU runs repeat exactly)
     eval_every: int = 0              # steps between evaluations and checkpoints; 0: steps // 10
     log_every: int = 50              # steps between metrics.jsonl training records
     eval_samples: int = 10000        # cap on images per eval set
     target_holdout: float = 0.1      # fraction of the target training pool kept out for export's drift reference
-    select: str = "im"               # best.pt by: im (label-free information maximisation) | target_acc
+    select: str = "im"               # best.pt by: im | entropy | snd | dev (label-free, docs/training.md) | last | target_acc
     data_dir: str | None = None      # where mnist/mnist_m/usps/svhn files are (default $ADAPTSERVE_DATA)
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     amp: bool = True                 # mixed precision on CUDA (ignored on CPU)
@@ -60,21 +66,21 @@ class TrainConfig:
             raise ValueError("--steps and --batch-size must be positive")
         if not 0.0 <= self.target_holdout < 1.0:
             raise ValueError("--target-holdout must be in [0, 1)")
+        if self.recipe not in recipes.NAMES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(recipes.NAMES)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
-        if self.select not in ("im", "target_acc"):
-            raise ValueError("--select must be im or target_acc")
+        if self.select not in SELECTORS:
+            raise ValueError(f"--select must be one of {', '.join(SELECTORS)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("--ema must be in [0, 1) (a decay such as 0.999; 0 switches it off)")
+        if not 0.0 <= self.lr_decay_tail <= 1.0:
+            raise ValueError("--lr-decay-tail must be a fraction of the steps in [0, 1]")
         if self.lambda_max < 0:
             raise ValueError("--lambda-max must be >= 0 (a negative λ turns the gradient reversal around: the "
                              "features would help the discriminator instead of fooling it)")
         if self.arch == "auto":
-            specs = (self.source, self.target)
-            if any(s.split(":")[0] == "usps" for s in specs):
-                self.arch = "lenet"
-            elif any(s.startswith("folder:") for s in specs):
-                self.arch = "resnet50"
-            else:
-                self.arch = "dann_mnist"
+            self.arch = recipes.auto_arch(self.source, self.target)
         if self.eval is None:
             kind = self.target.split(":")[0]
             self.eval = self.target if kind in ("folder", "npz") else f"{kind}:test"
@@ -89,8 +95,13 @@ class TrainConfig:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def from_sources(cls, file: str | Path | None = None, **overrides) -> "TrainConfig":
-        """Defaults, then a YAML/JSON file, then non-None ``overrides`` (the CLI flags)."""
+    def from_sources(cls, file: str | Path | None = None, default_recipe: str = "auto", **overrides
+                     ) -> "TrainConfig":
+        """Field defaults, then the recipe (``recipe`` from the file or flags, else ``default_recipe``: see
+        :mod:`train.recipes`), then a YAML/JSON file, then non-None ``overrides`` (the CLI flags).
+
+        A saved run's ``config.yaml`` holds every option, so reading it back gives the same config; one
+        written before recipes existed has no ``recipe`` key and is read with ``default_recipe="paper"``."""
         values: dict = {}
         if file:
             loaded = yaml.safe_load(Path(file).read_text()) or {}
@@ -102,7 +113,10 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config option(s): {', '.join(unknown)}")
-        return cls(**values)
+        d = cls()
+        name, recipe = recipes.resolve(values.get("recipe", default_recipe), values.get("arch", d.arch),
+                                       values.get("source", d.source), values.get("target", d.target))
+        return cls(**{**recipe, **values, "recipe": name})
 
 
 def field_help() -> dict[str, str]:

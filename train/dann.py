@@ -5,6 +5,7 @@ p = step / total ∈ [0, 1]:
 
     λ_p  = 2 / (1 + exp(−γ p)) − 1,      γ = 10     (adaptation weight, 0 → ~1)
     lr_p = μ0 / (1 + α p)^β,             α = 10, β = 0.75
+    × ½(1 + cos(π (p − 1 + τ)/τ)) for p > 1 − τ   (``--lr-decay-tail τ``; the digits recipe: τ = 0.25)
 
 Objective per step, one backward pass (the GRL turns the min-max into a plain minimisation)::
 
@@ -54,6 +55,14 @@ def dann_lambda(p: float, gamma: float = 10.0) -> float:
 def lr_factor(p: float, alpha: float = 10.0, beta: float = 0.75) -> float:
     """lr_p / μ0 = (1 + αp)^−β: 1 at p=0, 6^−0.75 ≈ 0.261 at p=0.5, 11^−0.75 ≈ 0.166 at p=1."""
     return (1.0 + alpha * p) ** (-beta)
+
+
+def tail_factor(p: float, tail: float) -> float:
+    """Cosine decay of the lr over the last ``tail`` of training: 1 until p = 1 − tail, then
+    ½(1 + cos(π (p − (1 − tail)) / tail)) → 0 at p = 1. ``tail = 0``: always 1."""
+    if tail <= 0 or p <= 1.0 - tail:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (p - (1.0 - tail)) / tail)))
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

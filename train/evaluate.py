@@ -5,8 +5,8 @@
   G_d is confused — what DANN aims for; ≈ 1.0 means the features still separate the domains.
 - ``pad``: proxy A-distance 2(1 − 2ε), ε the held-out error of a *fresh* linear domain classifier on
   frozen features (Ben-David et al. 2007; DANN paper §5): 0 = aligned, 2 = separable.
-- ``im``: information maximisation on the target, H(mean p) − mean H(p) in nats (higher is better);
-  needs no target labels, so it picks ``best.pt`` when the target is unlabelled.
+- ``im``, ``neg_entropy``, ``snd``, ``dev_risk``: label-free validators (:mod:`train.validators`); the
+  one ``--select`` names picks ``best.pt`` when the target is unlabelled.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from train import validators
 from train.data import Dataset
 
 
@@ -84,6 +85,7 @@ def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed
         "im": information_maximization(pt),
         "target_entropy": float(-(pt * np.log(pt + 1e-8)).sum(1).mean()),
         "pad": proxy_a_distance(fs, ft, seed),
+        **validators.scores(pt, ps, source.labels, fs, ft, seed),
     }
     if target.labels is not None:
         out["target_acc"] = accuracy(pt, target.labels)

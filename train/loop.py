@@ -27,12 +27,15 @@ from threadpoolctl import threadpool_limits
 
 from train import checkpoint as ckpt_io
 from train.config import TrainConfig
-from train.dann import dann_lambda, domain_loss, entropy_weights, lr_factor
+from train.dann import dann_lambda, domain_loss, entropy_weights, lr_factor, tail_factor
 from train.data import Dataset, holdout_split, load
-from train.evaluate import diagnose, evaluate, predict
+from train.ema import EMA, refresh_bn
+from train.evaluate import accuracy, diagnose, evaluate, predict
+from train.validators import score as validator_score
 from train.models import ARCH_INPUT, build_model
 
 log = logging.getLogger("adaptserve.train")
+BN_BATCHES = 20  # training batches that recompute the EMA model's BatchNorm statistics at each evaluation
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -149,6 +152,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               nesterov=cfg.nesterov)
     sampler = torch.Generator().manual_seed(cfg.seed)  # shared by all ranks: each takes its slice
+    ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
             "input_spec": arch.input_spec.to_dict(), "source": cfg.source, "target": cfg.target,
             "target_holdout": cfg.target_holdout, "disc_bn": cfg.disc_bn}
@@ -162,6 +166,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         sampler.set_state(state["sampler"])
         ckpt_io.set_rng_state(state["rng"], device)
         start, best, history = state["step"], state["best"], state["history"]
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
         if main:
             log.info("resumed %s at step %d/%d", out, start, cfg.steps)
     elif main:
@@ -183,16 +189,35 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     def checkpoint_state(step: int) -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "sampler": sampler.get_state(), "rng": ckpt_io.rng_state(device), "best": best,
-                "history": history, "meta": meta}
+                "history": history, "meta": meta, "ema": ema.state_dict() if ema is not None else None}
 
     def do_eval(step: int) -> dict:
+        shipped = model
+        if ema is not None:  # the EMA weights are what gets evaluated, checkpointed as best and exported
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # dropout draws:
+                refresh_bn(ema.model, bn_batches(step),  # the training's random stream stays untouched
+                           lambda m, x: m(x, 0.0, B if cfg.bn_per_domain else None))
+            shipped = ema.model
         # One BLAS thread for numpy/scipy/sklearn: with 2 it fights torch's OpenMP threads, and the proxy
         # A-distance's logistic regression took 4.4 s instead of 0.16 s (docs/benchmarks.md §3).
         with threadpool_limits(1, user_api="blas"):
-            m = evaluate(model, data["source_eval"], data["target_eval"], device, cfg.seed)
+            m = evaluate(shipped, data["source_eval"], data["target_eval"], device, cfg.seed)
+        if ema is not None and data["target_eval"].labels is not None:
+            m["trained_target_acc"] = accuracy(predict(model, data["target_eval"].images, device)[0],
+                                               data["target_eval"].labels)
         m.update(kind="eval", step=step)
         history.append(m)
         return m
+
+    def bn_batches(step: int, n: int = BN_BATCHES):
+        """``n`` training batches (B source + B target, the training layout) from a generator of their own,
+        so recomputing the EMA model's BN statistics leaves the training sampler where it was."""
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        for _ in range(n):
+            i_s, i_t = torch.randint(len(xs_all), (B,), generator=g), torch.randint(len(xt_all), (B,), generator=g)
+            if on_device:
+                i_s, i_t = i_s.to(device), i_t.to(device)
+            yield torch.cat([xs_all[i_s], xt_all[i_t]]).to(device)
 
     metrics = JsonlLog(out / "metrics.jsonl", start if resume else None) if main else None
     B = cfg.batch_size
@@ -209,6 +234,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         p = step / cfg.steps
         lam = 0.0 if cfg.method == "source-only" else cfg.lambda_max * dann_lambda(p, cfg.gamma)
         lr_now = cfg.lr * (lr_factor(p, cfg.lr_alpha, cfg.lr_beta) if cfg.lr_schedule else 1.0)
+        lr_now *= tail_factor(p, cfg.lr_decay_tail)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_mult"]
 
@@ -229,6 +255,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         images_seen += 2 * B * world
 
         with torch.no_grad():
@@ -250,9 +278,10 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                 t_eval = time.perf_counter()
                 m = do_eval(done)
                 metrics.write(m)
-                score = m["target_acc"] if cfg.select == "target_acc" and "target_acc" in m else m["im"]
+                by = cfg.select if cfg.select != "target_acc" or "target_acc" in m else "im"
+                score = validator_score(m, by)
                 if best is None or score > best["score"]:
-                    best = {"score": score, "step": done, "by": cfg.select}
+                    best = {"score": score, "step": done, "by": by}
                     ckpt_io.save_atomic(checkpoint_state(done), ckdir / "best.pt")
                 ckpt_io.save_atomic(checkpoint_state(done), ckdir / "last.pt")
                 tgt = f" target {m['target_acc']:.1%}" if "target_acc" in m else ""
@@ -274,7 +303,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     if main:
         metrics.close()
         final = history[-1]
-        summary = {"method": cfg.method, "arch": cfg.arch, "source": cfg.source, "target": cfg.target,
+        summary = {"recipe": cfg.recipe, "method": cfg.method, "arch": cfg.arch, "source": cfg.source,
+                   "target": cfg.target, "ema": cfg.ema,
                    "eval": cfg.eval, "steps": cfg.steps, "seed": cfg.seed, "world_size": world,
                    "device": str(device), "wall_time_s": wall, "eval_time_s": eval_time,
                    "images_per_s": images_seen / (wall - eval_time),  # training steps only, rank 0's clock
@@ -282,10 +312,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                    "im": final["im"], "best": best, "warnings": sorted(warned)}
         if "target_acc" in final:
             summary["target_acc"] = final["target_acc"]
+            if "trained_target_acc" in final:  # with --ema: the optimiser's own weights, for comparison
+                summary["trained_target_acc"] = final["trained_target_acc"]
             summary["best_target_acc"] = next(h["target_acc"] for h in history if h["step"] == best["step"])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         with threadpool_limits(1, user_api="blas"):
-            _plots(out, cfg, model, data, device)
+            _plots(out, cfg, ema.model if ema is not None else model, data, device)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -43,8 +43,9 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
     ax = axes[0, 1]
     if evals:
         s = [r["step"] for r in evals]
-        for key, label in [("source_acc", "source acc"), ("target_acc", "target acc"),
-                           ("domain_acc", "domain acc (G_d)")]:
+        ema = "trained_target_acc" in evals[0]  # with --ema the evaluated (shipped) weights are the EMA's
+        for key, label in [("source_acc", "source acc"), ("target_acc", "target acc (EMA)" if ema else "target acc"),
+                           ("trained_target_acc", "target acc (trained weights)"), ("domain_acc", "domain acc (G_d)")]:
             if key in evals[0]:
                 ax.plot(s, [r[key] for r in evals], marker="o", ms=3, label=label)
         ax.axhline(0.5, ls=":", c="grey")

@@ -1,0 +1,60 @@
+"""Recipes (train/recipes.py): what `adaptserve train` starts from, and that `--recipe paper` is the old default."""
+
+import pytest
+import yaml
+
+from train.config import TrainConfig
+
+# The defaults of `adaptserve train` up to session 5 (before recipes): the paper's SGD recipe.
+OLD_DEFAULTS = dict(source="demo-source", target="demo-target", method="dann", arch="auto", steps=2000,
+                    batch_size=64, lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=False, optimizer="sgd",
+                    bn_per_domain=False, disc_bn=False, backbone_lr_mult=0.1, gamma=10.0, lambda_max=1.0,
+                    lr_alpha=10.0, lr_beta=0.75, lr_schedule=True, seed=0, target_holdout=0.1, select="im",
+                    lr_decay_tail=0.0, ema=0.0)
+
+
+def test_paper_recipe_is_exactly_the_old_default():
+    cfg = TrainConfig.from_sources(None, recipe="paper")
+    assert cfg == TrainConfig() and cfg.recipe == "paper"
+    assert {k: getattr(cfg, k) for k in OLD_DEFAULTS} == OLD_DEFAULTS
+    assert cfg.validate().arch == "dann_mnist"
+
+
+@pytest.mark.parametrize("source, target, recipe, arch, optimizer", [
+    ("demo-source", "demo-target", "digits", "dann_mnist_bn28", "adam"),
+    ("mnist", "mnist_m", "digits", "dann_mnist_bn28", "adam"),
+    ("mnist", "usps", "lenet", "lenet", "sgd"),
+    ("usps", "mnist", "lenet", "lenet", "sgd"),
+    ("folder:a", "folder:b", "resnet", "resnet50", "sgd"),
+])
+def test_auto_picks_the_recipe_of_the_architecture_family(source, target, recipe, arch, optimizer):
+    cfg = TrainConfig.from_sources(None, source=source, target=target).validate()
+    assert (cfg.recipe, cfg.arch, cfg.optimizer) == (recipe, arch, optimizer) and cfg.ema > 0
+
+
+def test_precedence_recipe_then_file_then_flags(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("lr: 0.002\nbatch_size: 32\n")
+    cfg = TrainConfig.from_sources(f, batch_size=16)
+    assert (cfg.recipe, cfg.optimizer, cfg.lr, cfg.batch_size) == ("digits", "adam", 0.002, 16)
+    assert TrainConfig.from_sources(None, arch="lenet").recipe == "lenet"  # the family of the arch given
+    with pytest.raises(ValueError, match="unknown recipe"):
+        TrainConfig.from_sources(None, recipe="magic")
+
+
+def test_saved_config_reads_back_the_same_and_old_ones_as_paper(tmp_path):
+    cfg = TrainConfig.from_sources(None, steps=123).validate()
+    cfg.save(tmp_path / "config.yaml")
+    assert TrainConfig.from_sources(tmp_path / "config.yaml", default_recipe="paper") == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("recipe", "ema", "lr_decay_tail")}
+    old.update(optimizer="sgd", arch="dann_mnist", lr=0.01)
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
+    back = TrainConfig.from_sources(tmp_path / "old.yaml", default_recipe="paper")  # what --resume does
+    assert back.recipe == "paper" and back.ema == 0.0 and back.lr_decay_tail == 0.0
+
+
+def test_train_help_names_the_default_recipe(cli):
+    import subprocess
+
+    r = subprocess.run(cli + ["train", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--recipe" in r.stdout and "(default auto)" in " ".join(r.stdout.split())

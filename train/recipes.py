@@ -1,0 +1,54 @@
+"""Recipes: named sets of training defaults, one per architecture family, measured in docs/benchmarks.md.
+
+Precedence (lowest first): :class:`train.config.TrainConfig`'s field defaults (= the ``paper`` recipe,
+Ganin et al. 2016: SGD 0.01 with the paper's schedules) < the recipe < a ``--config`` file < flags.
+``--recipe auto`` (the default) picks by architecture family: the ``--arch`` given, or else the one
+``--arch auto`` would choose for the datasets (USPS → lenet, folders → resnet50, otherwise a digit CNN).
+
+=========  ===============================================  ====================================================
+recipe     for                                              what it sets
+=========  ===============================================  ====================================================
+paper      anything                                         nothing: the paper's SGD recipe, exactly the old default
+digits     28/32-px colour digits (MNIST, MNIST-M, SVHN,    fungtion/DANN's BN CNN at 28 px, Adam 1e-3, BN per
+           the demo pair): dann_mnist*, dann_svhn           domain, G_d with BN, batch 128 — plus a cosine lr decay
+                                                            over the last 25 % of steps and EMA weights
+lenet      USPS pairs: lenet, lenet_bn                      TLlib's digit setting: LeNet, batch 128, SGD μ0 0.01
+                                                            (the paper's schedules) — plus EMA weights
+resnet     image folders: resnet18, resnet50                the paper's layered-lr SGD (backbone lr × 0.1) at
+                                                            batch 32 — plus EMA weights
+=========  ===============================================  ====================================================
+"""
+
+from __future__ import annotations
+
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "digits": {"arch": "dann_mnist_bn28", "optimizer": "adam", "lr": 0.001, "lr_schedule": False,
+               "weight_decay": 0.0, "batch_size": 128, "bn_per_domain": True, "disc_bn": True,
+               "lr_decay_tail": 0.25, "ema": 0.999},
+    "lenet": {"arch": "lenet", "batch_size": 128, "ema": 0.999},
+    "resnet": {"arch": "resnet50", "batch_size": 32, "ema": 0.999},
+}
+FAMILY = {"dann_mnist": "digits", "dann_mnist_bn": "digits", "dann_mnist_bn28": "digits", "dann_svhn": "digits",
+          "lenet": "lenet", "lenet_bn": "lenet", "resnet18": "resnet", "resnet50": "resnet"}
+NAMES = ("auto", *RECIPES)
+
+
+def auto_arch(source: str, target: str) -> str:
+    """The architecture ``--arch auto`` means for these datasets under the paper recipe."""
+    kinds = [s.split(":")[0] for s in (source, target)]
+    if "usps" in kinds:
+        return "lenet"
+    if "folder" in kinds:
+        return "resnet50"
+    return "dann_mnist"
+
+
+def resolve(name: str, arch: str, source: str, target: str) -> tuple[str, dict]:
+    """(recipe name, its option values) for ``--recipe name`` with ``--arch arch`` on these datasets."""
+    if name not in NAMES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(NAMES)}")
+    if name == "auto":
+        family_arch = arch if arch and arch != "auto" else auto_arch(source, target)
+        name = FAMILY.get(family_arch, "paper")
+    return name, dict(RECIPES[name])
