@@ -264,6 +264,8 @@ class DriftReference:
 
     mmd_yy: float | None = None   # the reference's within-sample MMD term (computed on first use if absent)
     ks_p_table: np.ndarray | None = None  # ks_pvalue_table(n, window) (exact p-values; absent in old exports)
+    ks_p_threshold_discriminator: float | None = None  # KS alarm levels ≤ α/3 from the calibration windows
+    ks_p_threshold_softmax: float | None = None        # (absent in old exports: α/3)
     _ks_sorted: np.ndarray = field(default=None, repr=False)  # (n, 1 + K): [p_target, probabilities], sorted
     _pca32: tuple | None = field(default=None, repr=False)     # (mean, componentsᵀ) as float32
 
@@ -284,7 +286,8 @@ class DriftReference:
                    alpha_per_test=float(a["alpha_per_test"]),
                    mmd2_threshold=float(a["mmd2_threshold"]), null_mmd2=a["null_mmd2"],
                    null_p_discriminator=a["null_p_discriminator"], null_p_softmax=a["null_p_softmax"],
-                   mmd_yy=float(a["mmd_yy"]) if "mmd_yy" in a else None, ks_p_table=a.get("ks_p_table"))
+                   mmd_yy=float(a["mmd_yy"]) if "mmd_yy" in a else None, ks_p_table=a.get("ks_p_table"),
+                   **{k: float(a[k]) for k in ("ks_p_threshold_discriminator", "ks_p_threshold_softmax") if k in a})
 
     def project(self, features: np.ndarray) -> np.ndarray:
         """PCA projection ``(f − μ) Vᵀ`` of features (N, D) → (N, k), in float32 like the features themselves
@@ -302,8 +305,8 @@ class DriftReference:
     def check(self, p_target: np.ndarray, probabilities: np.ndarray, features: np.ndarray) -> dict:
         """Run the three tests on one window of exactly ``W`` images; returns per-test results and ``drift``.
 
-        Each entry has ``statistic``, ``p_value``, ``alarm`` (p < α/3, or MMD² > threshold); ``drift`` is
-        true when any test alarms. Effect sizes: the shift of the mean discriminator score and the
+        Each entry has ``statistic``, ``p_value``, ``threshold`` and ``alarm`` (KS: p < its calibrated level
+        ≤ α/3; MMD: MMD² > its threshold); ``drift`` is true when any test alarms. Effect sizes: the shift of the mean discriminator score and the
         largest per-class KS distance.
         """
         n = len(p_target)
@@ -320,11 +323,13 @@ class DriftReference:
         d_stat, d_p = float(stats[0]), float(pvals[0])
         c_stats, c_p, c_bonf = stats[1:], pvals[1:], bonferroni(pvals[1:])
         m = self.mmd2(features)
+        t_d = self.alpha_per_test if self.ks_p_threshold_discriminator is None else self.ks_p_threshold_discriminator
+        t_c = self.alpha_per_test if self.ks_p_threshold_softmax is None else self.ks_p_threshold_softmax
         out = {
-            "ks_discriminator": {"statistic": d_stat, "p_value": d_p, "alarm": d_p < self.alpha_per_test,
+            "ks_discriminator": {"statistic": d_stat, "p_value": d_p, "threshold": t_d, "alarm": d_p < t_d,
                                  "mean_p_target_shift": float(np.mean(p_target) - np.mean(self.p_target))},
-            "ks_softmax_bonferroni": {"statistic": float(c_stats.max()), "p_value": c_bonf,
-                                      "alarm": c_bonf < self.alpha_per_test, "class": int(np.argmin(c_p))},
+            "ks_softmax_bonferroni": {"statistic": float(c_stats.max()), "p_value": c_bonf, "threshold": t_c,
+                                      "alarm": c_bonf < t_c, "class": int(np.argmin(c_p))},
             "mmd_pca": {"statistic": m, "p_value": empirical_p(self.null_mmd2, m),
                         "threshold": self.mmd2_threshold, "alarm": m > self.mmd2_threshold},
         }

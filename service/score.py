@@ -55,7 +55,7 @@ class ScoreError(ValueError):
 def drift_tests(result: dict, ref) -> list[dict]:
     """One entry per test of a :meth:`DriftReference.check` result: name, statistic, p-value, threshold.
 
-    The KS tests alarm when ``p_value < threshold`` (α/3); the MMD test when ``statistic > threshold``
+    The KS tests alarm when ``p_value < threshold`` (calibrated, ≤ α/3); the MMD test when ``statistic > threshold``
     (the calibrated MMD² quantile) — ``threshold_on`` says which. Effect sizes beside the statistic:
     ``mean_p_target_shift`` (discriminator KS: window mean of P(target) minus the reference's) and
     ``class_index`` (softmax KS: the class whose KS p-value is smallest).
@@ -65,7 +65,7 @@ def drift_tests(result: dict, ref) -> list[dict]:
         r = result[name]
         mmd = name == "mmd_pca"
         entry = {"name": name, "statistic": float(r["statistic"]), "p_value": float(r["p_value"]),
-                 "threshold": float(r["threshold"] if mmd else ref.alpha_per_test),
+                 "threshold": float(r.get("threshold", ref.alpha_per_test)),
                  "threshold_on": "statistic" if mmd else "p_value", "is_drift": bool(r["alarm"])}
         if "mean_p_target_shift" in r:
             entry["mean_p_target_shift"] = float(r["mean_p_target_shift"])

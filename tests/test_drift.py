@@ -138,8 +138,9 @@ def test_ks_pvalue_table_holds_ks_2samps_p_value_for_every_statistic(n, m):
 
 def test_reference_file_round_trip_and_check(tmp_path):
     rng = np.random.default_rng(3)
-    arrays, settings = build(outputs(700, rng), n_bootstrap=200)
-    assert settings["n_reference"] == 350 and settings["n_calibration"] == 350 and settings["window"] == W
+    arrays, settings = build(outputs(2200, rng), n_bootstrap=200)
+    assert settings["n_reference"] == 1100 and settings["n_calibration"] == 1100 and settings["window"] == W
+    assert settings["warnings"] == [] and set(settings["ks_p_threshold"]) == {"ks_discriminator", "ks_softmax_bonferroni"}
     assert settings["alpha_per_test"] == pytest.approx(0.01 / 3)
     assert set(settings["empirical_false_alarm_rate"]) == {*drift.TESTS, "any"}
     np.savez(tmp_path / "ref.npz", **arrays)
@@ -154,3 +155,42 @@ def test_reference_file_round_trip_and_check(tmp_path):
     assert alarm["drift"] and alarm["mmd_pca"]["alarm"] and alarm["ks_softmax_bonferroni"]["alarm"]
     with pytest.raises(ValueError, match="calibrated for windows of 200"):
         ref.check(win["p_target"][:10], win["probabilities"][:10], win["features"][:10])
+
+
+def test_window_is_a_fifth_of_the_calibration_pool_and_small_pools_warn():
+    from export.reference import MIN_WINDOW, choose_window
+
+    assert choose_window(1100) == 200 and choose_window(500) == 100 and choose_window(150) == 30
+    _, settings = build(outputs(200, np.random.default_rng(4)), n_bootstrap=200)  # 100 + 100 held out
+    assert settings["window"] == 20 < MIN_WINDOW
+    assert len(settings["warnings"]) == 1 and "--target-holdout" in settings["warnings"][0]
+    # near-copies count once: 1,200 images in groups of 6 = 100 + 100 independent draws → W = 20, a warning
+    _, grouped = build(outputs(1200, np.random.default_rng(4)), groups=np.repeat(np.arange(200), 6), n_bootstrap=200)
+    assert grouped["n_calibration"] == 600 and grouped["n_calibration_independent"] == 100
+    assert grouped["window"] == 20 and len(grouped["warnings"]) == 1
+
+
+def test_ks_threshold_is_alpha_for_independent_images_and_lower_for_clustered_ones():
+    from export.reference import ks_threshold
+
+    uniform = np.random.default_rng(5).uniform(size=1000)
+    assert ks_threshold(uniform, 0.01) == 0.01 or ks_threshold(uniform, 0.01) == pytest.approx(0.01, abs=0.005)
+    too_small = uniform ** 4  # p-values far smaller than the exact test's: 18 % below 0.01
+    t = ks_threshold(too_small, 0.01)
+    assert t < 0.01 and np.mean(too_small < t) <= 0.01
+
+
+def test_small_pool_calibration_keeps_false_alarms_near_alpha_on_fresh_windows(tmp_path):
+    """A 150 + 150 held-out pool (a 3,000-image target at --target-holdout 0.1): windows of fresh
+    in-distribution images alarm at about the calibrated rate (windows with replacement of W = 150 from the
+    150-image pool alarmed on 10 % of such windows at α = 1 % on MNIST-M, docs/benchmarks.md §9)."""
+    rng = np.random.default_rng(6)
+    alpha = 3 * A  # per-test level A, as in the other rate checks
+    arrays, settings = build(outputs(300, rng), alpha=alpha, n_bootstrap=400)
+    np.savez(tmp_path / "ref.npz", **arrays)
+    ref = drift.DriftReference.load(tmp_path / "ref.npz")
+    alarms = []
+    for _ in range(200):
+        win = outputs(ref.window, rng)
+        alarms.append(ref.check(win["p_target"], win["probabilities"], win["features"])["drift"])
+    assert settings["window"] == 30 and np.mean(alarms) <= alpha + 0.05  # 200 windows: ±0.03 binomial noise
