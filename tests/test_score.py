@@ -5,6 +5,7 @@ Uses the tiny model of tests/test_service.py (trained and exported once per sess
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,8 @@ def test_labelled_folder_with_a_corrupt_file(model, target, tmp_path, capsys):
     acc = np.mean(pred.predictions == labels[:12])
     assert f"accuracy {acc:.2%} on 12 labelled" in stdout
     report = json.loads((tmp_path / "scores.csv.drift.json").read_text())
-    assert report["n_windows"] == 0 and report["n_images"] == 12 and "fewer than 200" in report["note"]
+    w = model["runtime"].drift_reference.window
+    assert report["n_windows"] == 0 and report["n_images"] == 12 and f"fewer than {w}" in report["note"]
 
 
 def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, target, tmp_path, capsys):
@@ -89,11 +91,13 @@ def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, t
     assert f"accuracy {np.mean(pred.predictions == labels):.2%} on 450 labelled" in stdout
 
     report = json.loads((tmp_path / "sub" / "scores.jsonl.drift.json").read_text())
-    assert report["window_size"] == 200 and report["n_windows"] == 2 and report["n_untested_tail"] == 50
-    assert [(w["start"], w["end"]) for w in report["windows"]] == [(0, 200), (200, 400)]
     ref = model["runtime"].drift_reference
-    expected = [ref.check(pred.p_target[s:s + 200], pred.probabilities[s:s + 200], pred.features[s:s + 200])
-                for s in (0, 200)]
+    W, n = ref.window, 450 // ref.window  # the tiny model's 43: 10 windows and a tail of 20
+    assert report["window_size"] == W and report["n_windows"] == n and report["n_untested_tail"] == 450 - n * W
+    starts = [i * W for i in range(n)]
+    assert [(w["start"], w["end"]) for w in report["windows"]] == [(s, s + W) for s in starts]
+    expected = [ref.check(pred.p_target[s:s + W], pred.probabilities[s:s + W], pred.features[s:s + W])
+                for s in starts]
     for w, e in zip(report["windows"], expected):
         assert w["is_drift"] == e["drift"]
         assert [t["name"] for t in w["tests"]] == ["ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"]
@@ -102,10 +106,10 @@ def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, t
         effects = {t["name"]: t for t in w["tests"]}
         assert effects["ks_discriminator"]["mean_p_target_shift"] == pytest.approx(e["ks_discriminator"]["mean_p_target_shift"])
         assert effects["ks_softmax_bonferroni"]["class_index"] == e["ks_softmax_bonferroni"]["class"]
-    assert report["fraction_windows_alarmed"] == sum(e["drift"] for e in expected) / 2
-    k = sum(e["drift"] for e in expected)  # in-distribution: P(Binomial(2, 0.01) ≥ k)
-    assert report["whole_set"]["p_value"] == pytest.approx([1.0, 1 - 0.99 ** 2, 0.01 ** 2][k])
-    assert report["whole_set"]["is_drift"] == (k == 2)
+    k = sum(e["drift"] for e in expected)  # in-distribution: P(Binomial(n, 0.01) ≥ k)
+    assert report["fraction_windows_alarmed"] == k / n
+    p_k = sum(math.comb(n, j) * 0.01 ** j * 0.99 ** (n - j) for j in range(k, n + 1))
+    assert report["whole_set"]["p_value"] == pytest.approx(p_k) and report["whole_set"]["is_drift"] == (p_k <= 0.01)
     assert set(report["fraction_windows_alarmed_per_test"]) == {"ks_discriminator", "ks_softmax_bonferroni", "mmd_pca"}
 
     # --no-drift: the same rows, no discriminator, and the earlier report is removed rather than left stale
@@ -118,13 +122,14 @@ def test_npz_with_labels_to_jsonl_matches_the_runtime_and_reports_drift(model, t
 def test_npy_grey_images_and_inverted_images_alarm(model, target, tmp_path, capsys):
     images, _ = target
     npy = tmp_path / "inv.npy"
-    np.save(npy, 255 - images[:400])
+    W = model["runtime"].drift_reference.window
+    np.save(npy, 255 - images[:2 * W])
     out = tmp_path / "inv.csv"
     code, stdout, stderr = run_cli(capsys, model["folder"], npy, "--out", out)
     assert code == 0, stderr
     assert "accuracy" not in stdout and "2 drift windows, 100% alarmed" in stdout
     rows = list(csv.DictReader(out.open()))
-    assert len(rows) == 400 and list(rows[0]) == ["index", "label", "class_index", "confidence", "error"]
+    assert len(rows) == 2 * W and list(rows[0]) == ["index", "label", "class_index", "confidence", "error"]
     report = json.loads((tmp_path / "inv.csv.drift.json").read_text())
     assert report["n_windows"] == 2 and report["fraction_windows_alarmed"] == 1.0
     assert report["whole_set"]["is_drift"] and report["whole_set"]["p_value"] == pytest.approx(0.01 ** 2)

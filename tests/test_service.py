@@ -34,7 +34,9 @@ def tiny_model(tmp_path_factory) -> dict:
         from train.loop import run
 
         base = tmp_path_factory.mktemp("tiny-model")
-        run(TrainConfig(steps=40, batch_size=32, eval_every=20, threads=1, tsne=False), base / "run", progress=False)
+        # 30 % of the demo target's digits held out, as the demo does: 215 calibration digits → windows of 43
+        run(TrainConfig(steps=40, batch_size=32, eval_every=20, threads=1, tsne=False, target_holdout=0.3), base / "run",
+            progress=False)
         tag, manifest = bundle.export(base / "run", name="test-serve", out=base / "model", n_bootstrap=200)
         _TINY.update(tag=tag, folder=base / "model", manifest=manifest, base=base)
     return _TINY
@@ -131,7 +133,8 @@ def test_drift_warms_up_then_ok_on_target_then_drift_on_shifted_images(servers, 
     c = servers["open"]
     w = model["runtime"].drift_reference.window
     d = c.get("/drift").json()
-    assert d["status"] == "warming_up" and d["n_in_window"] == 0 and d["window_size"] == w == 200
+    assert d["status"] == "warming_up" and d["n_in_window"] == 0 and d["window_size"] == w == 43
+    assert model["manifest"]["drift"]["window"] == w and model["manifest"]["drift"]["warnings"] == []
     assert d["tests"] == [] and d["is_drift"] is False and d["alpha"] == 0.01 and d["model"] == model["tag"]
 
     held = images["held_out"]
@@ -322,7 +325,8 @@ def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, im
 
     rt = model["runtime"]
     outputs = lambda p: (p.p_target, p.probabilities, p.features)  # noqa: E731
-    held, shifted = outputs(rt.predict(images["held_out"][:200])), outputs(rt.predict(images["source"][:200]))
+    w = rt.drift_reference.window  # one window per add
+    held, shifted = outputs(rt.predict(images["held_out"][:w])), outputs(rt.predict(images["source"][:w]))
     m = DriftMonitor(rt.drift_reference, "t", budget=1.0)  # no cool-down: every window is checked
     try:
         for _ in range(5):
@@ -480,7 +484,8 @@ def test_a_window_override_other_than_the_calibrated_one_is_refused(model, tmp_p
     s = Server(model["tag"], tmp_path / "w.log", ADAPTSERVE_DRIFT_WINDOW=100)
     try:  # BentoML logs the failed start-up and never becomes ready
         deadline = time.monotonic() + 30
-        while "calibrated for windows of 200" not in s.log.read_text() and time.monotonic() < deadline:
+        w = model["runtime"].drift_reference.window
+        while f"calibrated for windows of {w}" not in s.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert "ADAPTSERVE_DRIFT_WINDOW=100" in s.log.read_text()
         assert httpx.get(s.url + "/readyz", timeout=2).status_code != 200

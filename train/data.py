@@ -283,14 +283,15 @@ def _load_npz(path: Path):
 
 # --------------------------------------------------------------------------- embedded demo pair
 
-def demo_domain(domain: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def demo_domain(domain: str, split: str, variant: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The embedded domain pair (no files, no network), deterministic on every machine.
 
     source: scikit-learn's 1,797 handwritten 8×8 digits, upscaled into a 20×20 box on a 28×28 black
     canvas (like MNIST), each digit in ``COPIES`` random affine copies (:func:`_jitter`).
     target: other random affine copies of the same digits, padded to 32×32 and blended MNIST-M-style
     with a random colour texture, ``|texture − digit|`` per channel (:func:`_textures`).
-    Split: every 5th digit is test. Measured with the demo's settings (``dann_mnist``, 1,200 steps):
+    Split: every 5th digit is test. ``variant`` > 0 draws other copies and textures of the same digits
+    (new in-distribution images for measuring drift false alarms; the dataset specs use variant 0). Measured with the demo's settings (``dann_mnist``, 1,200 steps):
     see docs/benchmarks.md — source-only stays far below DANN on the target.
     """
     from PIL import Image
@@ -301,7 +302,7 @@ def demo_domain(domain: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     small = np.rint(digits.images[keep] * (255.0 / 16.0)).astype(np.uint8)
     big = np.stack([np.asarray(Image.fromarray(im).resize((20, 20), Image.BILINEAR)) for im in small])
     big = np.pad(big, ((0, 0), (4, 4), (4, 4)))  # 28×28
-    rng = np.random.default_rng({"source": 2015, "target": 2016}[domain] + 10 * (split == "test"))
+    rng = np.random.default_rng({"source": 2015, "target": 2016}[domain] + 10 * (split == "test") + 100 * variant)
     images = np.repeat(big, COPIES, axis=0)
     labels = np.repeat(digits.target[keep].astype(np.int64), COPIES)
     images = np.stack([_jitter(Image.fromarray(im), rng) for im in images])
