@@ -121,6 +121,6 @@ def diagnose(history: list[dict], progress: float, method: str) -> list[tuple[st
     if progress >= 0.3 and len(history) >= 2 and all(h["source_acc"] < 0.5 for h in history[-2:]):
         out.append(("source_low",
                     f"source accuracy {last['source_acc']:.1%} at p={progress:.2f}: the classifier is not learning "
-                    "the labelled domain. Check the source labels and class folders, try --lr 0.01 with momentum "
-                    "0.9, and a smaller --lambda-max until source accuracy rises."))
+                    "the labelled domain. Check the source labels and class folders, try a lower --lr (the recipes "
+                    "start from Adam 1e-3 or SGD 0.01), and a smaller --lambda-max until source accuracy rises."))
     return out
