@@ -12,24 +12,28 @@ How they are used (numpy only; the statistics themselves are in :mod:`service.dr
 - the reference pool's discriminator scores, softmax outputs and PCA-projected features are stored (with
   the MMD's reference-only term, so the service does not recompute it); the PCA basis (mean + top
   ``PCA_DIMS`` components, numpy SVD) is fitted on the reference features;
-- ``B`` windows of ``W = min(200, n_cal // POOL_PER_WINDOW)`` distinct images are drawn (without
-  replacement) from the calibration pool (``n_cal`` counts groups of near-copies as one image each) — in-distribution data the reference has not seen — and each
-  test's statistic is computed against the reference. ``α`` is the overall false-alarm rate of a window,
-  each of the three tests runs at ``a = α/3``: the MMD² alarm threshold is the ``(1 − a)`` quantile of
-  these null statistics; the KS tests alarm at ``p < min(a, q_a)``, ``q_a`` the ``a`` quantile of their null
-  p-values — the exact KS p-value where the images are independent draws, lower where they are not (the
-  demo's augmented copies of one digit make the reference a clustered sample, and its exact p-values too
-  small). The empirical false-alarm rates of each test and of "any test" are recorded.
+- ``B`` **calibration windows** of ``W = min(200, n_cal)`` images — ``n_cal`` the calibration pool's
+  independent draws: its images, or its groups of near-copies — are drawn by a two-stage (pool) bootstrap:
+  first a resampled pool (``n_cal`` groups drawn with replacement), then W images drawn with replacement
+  from it. Each test's statistic is computed against the reference. ``α`` is the overall false-alarm rate
+  of a window, each of the three tests runs at ``a = α/3``: the MMD² alarm threshold is the ``(1 − a)``
+  quantile of these null statistics; the KS tests alarm at ``p < min(a, q_a)``, ``q_a`` the ``a`` quantile
+  of their null p-values — the exact KS level where the images are independent draws, lower where they are
+  not (the demo's augmented copies of one digit make the reference a clustered sample, and its exact
+  p-values too small). The empirical false-alarm rates of each test and of "any test" are recorded.
+  Duplicated images inside a window are left out of the window's within-sample MMD term (pairs of the
+  same image would add k(x, x) = 1).
 
-Why the window is a fifth of the pool at most: windows drawn from a pool of ``n_cal`` images share the
-pool's own sampling error, so their spread is the spread of live windows only while ``W ≪ n_cal``. At
-``W = n_cal`` (what a 3,000-image target gave: 150 + 150 held out, W = 150, bootstrapped) the thresholds
-came out too tight and 10 % of in-distribution windows alarmed at α = 1 % (docs/benchmarks.md §9). With
-groups of near-copies (the demo: 6 augmented copies per digit) the pool holds only as many independent
-draws as it has groups: the demo's 215 calibration digits support W = 43; at W = 200 (1,293 images) 4.5 %
-of fresh in-distribution windows alarmed. When the pool allows no window of at least ``MIN_WINDOW``
-images, export still writes the reference and says so (``warnings`` in the manifest and on the command
-line): the tests then have little power.
+Why two stages: every live window is compared with thresholds that came from *one* finite calibration
+pool, whose own sampling error all calibration windows share. Windows drawn straight from the pool (with
+or without replacement) miss that error, so their null is too narrow once W is a sizeable part of the
+pool: up to session 5 (W = min(200, pool), one-stage bootstrap) a 1,000-image target (50 + 50 held out)
+alarmed on 1.8 % of in-distribution windows on average but on 7 % with its worst split, and the demo (W =
+200 from 215 calibration digits, windows of distinct images) on 4.5 %. Resampling the pool first adds
+that error to the null (the variance of a window mean becomes σ²(1/W + 1/n) instead of σ²/W). Measured in
+docs/benchmarks.md §9: at most 1 % of windows alarm with any split tried, at every pool size. When the pool
+allows no window of at least ``MIN_WINDOW`` images, export still writes the reference and says so
+(``warnings`` in the manifest and on the command line): the tests then miss all but large shifts.
 """
 
 from __future__ import annotations
@@ -39,8 +43,7 @@ import numpy as np
 from service import drift
 
 WINDOW, ALPHA, N_BOOTSTRAP, PCA_DIMS, SEED = 200, 0.01, 1000, 10, 0
-POOL_PER_WINDOW = 5  # calibration images per window image: W ≤ n_cal / 5
-MIN_WINDOW = 30      # below this the export warns: too few held-out images for useful drift tests
+MIN_WINDOW = 50  # below this the export warns: too few held-out images for useful drift tests
 REFERENCE_MAX = 2000
 MIN_IMAGES = 256  # parity needs 256 real images; below that the drift split is not meaningful either
 
@@ -98,10 +101,26 @@ def fit_pca(features: np.ndarray, dims: int = PCA_DIMS) -> tuple[np.ndarray, np.
     return mean, vt[:k]
 
 
+def pool_bootstrap(n_cal: int, window: int, rng, groups: np.ndarray | None = None):
+    """Index arrays of calibration windows, endlessly: a resampled calibration pool (``n_cal`` images, or
+    its groups of near-copies, drawn with replacement), then ``window`` images drawn with replacement from
+    it — see the module docstring."""
+    members = None
+    if groups is not None:
+        _, inverse = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
+    while True:
+        if members is None:
+            pool = rng.integers(0, n_cal, n_cal)
+        else:
+            pool = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        yield pool[rng.integers(0, len(pool), window)]
+
+
 def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP,
-              seed: int = SEED) -> dict:
-    """Null distributions of the three statistics from ``n_bootstrap`` windows of ``window`` distinct
-    calibration images (drawn without replacement).
+              seed: int = SEED, groups: np.ndarray | None = None) -> dict:
+    """Null distributions of the three statistics from ``n_bootstrap`` pool-bootstrap windows of ``window``
+    calibration images (``groups``: near-copies resampled together).
 
     ``ref`` / ``cal``: dicts with ``p_target`` (n,), ``probabilities`` (n, K), ``projections`` (n, k).
     ``alpha`` is overall; each test runs at ``alpha / 3``. Returns the null arrays, the MMD² threshold,
@@ -122,10 +141,13 @@ def calibrate(ref: dict, cal: dict, window: int, alpha: float = ALPHA, n_bootstr
         ks_ref = np.sort(np.column_stack([ref["p_target"], ref["probabilities"]]).astype(np.float64), axis=0)
         ks_cal = np.column_stack([cal["p_target"], cal["probabilities"]])
         null_mmd, null_pd, null_pc = np.empty(n_bootstrap), np.empty(n_bootstrap), np.empty(n_bootstrap)
+        windows = pool_bootstrap(n_cal, window, rng, groups)
         for b in range(n_bootstrap):
-            idx = rng.choice(n_cal, window, replace=False)
+            idx = next(windows)
             z = cal["projections"][idx]
-            xx = drift.offdiag_mean(drift.rbf_kernel(z, z, bandwidth))
+            k_xx = drift.rbf_kernel(z, z, bandwidth)
+            distinct = idx[:, None] != idx[None, :]  # pairs of one image would add k(x, x) = 1: left out
+            xx = float(k_xx[distinct].mean(dtype=np.float64)) if distinct.any() else 1.0
             null_mmd[b] = xx + yy - 2.0 * float(k_cr_mean[idx].mean())
             _, p = drift.ks_columns(ks_ref, ks_cal[idx])  # the tests of DriftReference.check, column for column
             null_pd[b], null_pc[b] = p[0], drift.bonferroni(p[1:])
@@ -153,9 +175,9 @@ def ks_threshold(null_p: np.ndarray, a: float) -> float:
 
 
 def choose_window(n_cal: int, window_max: int = WINDOW) -> int:
-    """``W = min(window_max, n_cal // POOL_PER_WINDOW)`` (at least 2), ``n_cal`` the calibration pool's
-    independent draws (its images, or its groups of near-copies): see the module docstring."""
-    return max(2, min(window_max, n_cal // POOL_PER_WINDOW))
+    """``W = min(window_max, n_cal)`` (at least 2), ``n_cal`` the calibration pool's independent draws (its
+    images, or its groups of near-copies): see the module docstring."""
+    return max(2, min(window_max, n_cal))
 
 
 def build(outputs: dict, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP, seed: int = SEED,
@@ -172,7 +194,8 @@ def build(outputs: dict, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP, s
            "projections": proj[cal_idx]}
     n_independent = len(cal_idx) if groups is None else len(np.unique(np.asarray(groups)[cal_idx]))
     window = choose_window(n_independent, window_max)
-    c = calibrate(ref, cal, window, alpha, n_bootstrap, seed)
+    c = calibrate(ref, cal, window, alpha, n_bootstrap, seed,
+                  groups=None if groups is None else np.asarray(groups)[cal_idx])
     warnings = []
     if window < MIN_WINDOW:
         warnings.append(f"only {n} held-out images for the drift reference ({len(ref_idx)} reference + "
@@ -200,8 +223,8 @@ def build(outputs: dict, alpha: float = ALPHA, n_bootstrap: int = N_BOOTSTRAP, s
         "seed": seed,
         "n_reference": len(ref_idx), "n_calibration": len(cal_idx), "n_calibration_independent": n_independent,
         "n_bootstrap": n_bootstrap,
-        "window_sampling": f"{n_bootstrap} windows of {window} distinct calibration images (without replacement; "
-                           f"W ≤ n_calibration / {POOL_PER_WINDOW})",
+        "window_sampling": f"{n_bootstrap} pool-bootstrap windows of {window}: a resampled calibration pool "
+                           "(groups of near-copies together), then a window drawn from it with replacement",
         "pca_dims": int(comps.shape[0]), "mmd_kernel": "rbf", "mmd_bandwidth": c["bandwidth"],
         "mmd2_threshold": c["mmd2_threshold"],
         "ks_p_threshold": {"ks_discriminator": c["ks_p_threshold_discriminator"],

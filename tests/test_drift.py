@@ -157,17 +157,28 @@ def test_reference_file_round_trip_and_check(tmp_path):
         ref.check(win["p_target"][:10], win["probabilities"][:10], win["features"][:10])
 
 
-def test_window_is_a_fifth_of_the_calibration_pool_and_small_pools_warn():
+def test_window_fits_the_independent_draws_of_the_pool_and_small_pools_warn():
     from export.reference import MIN_WINDOW, choose_window
 
-    assert choose_window(1100) == 200 and choose_window(500) == 100 and choose_window(150) == 30
-    _, settings = build(outputs(200, np.random.default_rng(4)), n_bootstrap=200)  # 100 + 100 held out
-    assert settings["window"] == 20 < MIN_WINDOW
+    assert choose_window(1100) == 200 and choose_window(150) == 150 and choose_window(1) == 2
+    _, settings = build(outputs(80, np.random.default_rng(4)), n_bootstrap=200)  # 40 + 40 held out
+    assert settings["window"] == 40 < MIN_WINDOW
     assert len(settings["warnings"]) == 1 and "--target-holdout" in settings["warnings"][0]
-    # near-copies count once: 1,200 images in groups of 6 = 100 + 100 independent draws → W = 20, a warning
-    _, grouped = build(outputs(1200, np.random.default_rng(4)), groups=np.repeat(np.arange(200), 6), n_bootstrap=200)
-    assert grouped["n_calibration"] == 600 and grouped["n_calibration_independent"] == 100
-    assert grouped["window"] == 20 and len(grouped["warnings"]) == 1
+    # near-copies count once: 480 images in groups of 6 = 40 + 40 independent draws → W = 40, a warning
+    _, grouped = build(outputs(480, np.random.default_rng(4)), groups=np.repeat(np.arange(80), 6), n_bootstrap=200)
+    assert grouped["n_calibration"] == 240 and grouped["n_calibration_independent"] == 40
+    assert grouped["window"] == 40 and len(grouped["warnings"]) == 1
+
+
+def test_pool_bootstrap_resamples_groups_together():
+    from export.reference import pool_bootstrap
+
+    groups = np.repeat(np.arange(5), 4)  # 5 groups of 4 near-copies
+    windows = pool_bootstrap(20, 12, np.random.default_rng(0), groups)
+    w = next(windows)
+    assert len(w) == 12 and w.max() < 20
+    plain = next(pool_bootstrap(20, 12, np.random.default_rng(0)))
+    assert len(plain) == 12 and len(np.unique(plain)) < 12  # with replacement: duplicates are expected
 
 
 def test_ks_threshold_is_alpha_for_independent_images_and_lower_for_clustered_ones():
@@ -181,9 +192,8 @@ def test_ks_threshold_is_alpha_for_independent_images_and_lower_for_clustered_on
 
 
 def test_small_pool_calibration_keeps_false_alarms_near_alpha_on_fresh_windows(tmp_path):
-    """A 150 + 150 held-out pool (a 3,000-image target at --target-holdout 0.1): windows of fresh
-    in-distribution images alarm at about the calibrated rate (windows with replacement of W = 150 from the
-    150-image pool alarmed on 10 % of such windows at α = 1 % on MNIST-M, docs/benchmarks.md §9)."""
+    """A 150 + 150 held-out pool (a 3,000-image target at --target-holdout 0.1), W = 150: windows of fresh
+    in-distribution images alarm at no more than the calibrated rate (docs/benchmarks.md §9 on MNIST-M)."""
     rng = np.random.default_rng(6)
     alpha = 3 * A  # per-test level A, as in the other rate checks
     arrays, settings = build(outputs(300, rng), alpha=alpha, n_bootstrap=400)
@@ -193,4 +203,4 @@ def test_small_pool_calibration_keeps_false_alarms_near_alpha_on_fresh_windows(t
     for _ in range(200):
         win = outputs(ref.window, rng)
         alarms.append(ref.check(win["p_target"], win["probabilities"], win["features"])["drift"])
-    assert settings["window"] == 30 and np.mean(alarms) <= alpha + 0.05  # 200 windows: ±0.03 binomial noise
+    assert settings["window"] == 150 and np.mean(alarms) <= alpha + 0.05  # 200 windows: ±0.03 binomial noise

@@ -34,7 +34,7 @@ def tiny_model(tmp_path_factory) -> dict:
         from train.loop import run
 
         base = tmp_path_factory.mktemp("tiny-model")
-        # 30 % of the demo target's digits held out, as the demo does: 215 calibration digits → windows of 43
+        # 30 % of the demo target's digits held out, as the demo does: 216 calibration digits → windows of 200
         run(TrainConfig(steps=40, batch_size=32, eval_every=20, threads=1, tsne=False, target_holdout=0.3), base / "run",
             progress=False)
         tag, manifest = bundle.export(base / "run", name="test-serve", out=base / "model", n_bootstrap=200)
@@ -133,7 +133,7 @@ def test_drift_warms_up_then_ok_on_target_then_drift_on_shifted_images(servers, 
     c = servers["open"]
     w = model["runtime"].drift_reference.window
     d = c.get("/drift").json()
-    assert d["status"] == "warming_up" and d["n_in_window"] == 0 and d["window_size"] == w == 43
+    assert d["status"] == "warming_up" and d["n_in_window"] == 0 and d["window_size"] == w == 200
     assert model["manifest"]["drift"]["window"] == w and model["manifest"]["drift"]["warnings"] == []
     assert d["tests"] == [] and d["is_drift"] is False and d["alpha"] == 0.01 and d["model"] == model["tag"]
 
