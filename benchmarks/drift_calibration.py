@@ -12,7 +12,7 @@
 its own target set, or each of ``--sizes``) the benchmark builds the reference from those held-out images
 with export's own code (:func:`export.reference.build`) and with the calibration of adaptserve up to
 session 5 side by side: ``old`` — W = min(200, calibration pool), windows bootstrapped with replacement,
-KS at α/3; ``new`` — W ≤ pool / 5, windows without replacement, KS levels from the calibration windows.
+KS at α/3; ``new`` — the pool bootstrap, W = min(200, pool), KS levels from the calibration windows.
 It does so ``--pools`` times (other reference/calibration splits, and other held-out images when N is
 below the run's), and each time checks ``--windows`` windows of W distinct images from:
 
