@@ -59,7 +59,9 @@ def test_export_writes_store_model_and_folder(exported):
     assert len(m["checkpoint"]["sha256"]) == 64 and set(m["files"]) == set(FILES)
     assert {"torch", "onnx", "onnxruntime"} <= set(m["versions"])
     d = m["drift"]
-    assert d["window"] == 200 and d["alpha"] == 0.01 and d["n_bootstrap"] == 200 and d["seed"] == 0
+    # 10 % of the demo target held out = 144 digits in 6 copies: 72 independent calibration digits → W = 72
+    assert d["window"] == d["n_calibration_independent"] and 60 <= d["window"] < 200 and d["warnings"] == []
+    assert d["alpha"] == 0.01 and d["n_bootstrap"] == 200 and d["seed"] == 0
     assert d["n_reference"] + d["n_calibration"] == d["reference_images"] >= 256
     assert "held-out" in d["reference"]
     assert m["parity"]["images"] >= 256 and m["parity"]["max_abs_diff_probabilities"] <= 1e-4
@@ -154,8 +156,9 @@ def test_store_round_trip(exported):
     x = exported["images"][:32]
     np.testing.assert_array_equal(by_tag.predict(x).probabilities, Model.open(exported["out"]).predict(x).probabilities)
     ref = by_tag.drift_reference
-    assert ref.window == 200 and ref.projections.shape[1] == 10 and ref.null_mmd2.shape == (200,)
-    p = by_tag.predict(exported["images"][:200])
+    assert ref.window == exported["manifest"]["drift"]["window"]
+    assert ref.projections.shape[1] == 10 and ref.null_mmd2.shape == (200,)
+    p = by_tag.predict(exported["images"][:ref.window])
     result = ref.check(p.p_target, p.probabilities, p.features)
     assert set(result) == {"ks_discriminator", "ks_softmax_bonferroni", "mmd_pca", "drift"}
 
