@@ -4,8 +4,8 @@
         --out benchmarks/runs/accuracy [--pairs mnist:mnist_m mnist:usps usps:mnist] [--methods ...]
 
 Each run starts from ``--recipe`` (default ``auto``: the trainer's default, the measured best recipe for the
-pair's architecture family; ``paper`` gives the runs of docs/benchmarks.md §1–1c). ``--batch-size`` and ``--lr``
-override it (TLlib's digit setting: batch 128, lr 0.1 for USPS→MNIST); ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train
+pair's architecture family; ``paper`` gives the runs of docs/benchmarks.md §1–1c). ``--batch-size`` and
+``--lr`` override it; ``--config FILE`` takes any other trainer options from a YAML file, as ``adaptserve train
 --config`` does (e.g. ``benchmarks/recipes/fungtion_mnist_m.yaml``); the flags here win over it. Each run is an
 ordinary ``adaptserve train`` run directory; finished runs (summary.json present) are skipped, so the script can
 be stopped and started again; ``--report`` prints the table of all finished runs. Prints a markdown table of

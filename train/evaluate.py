@@ -122,5 +122,5 @@ def diagnose(history: list[dict], progress: float, method: str) -> list[tuple[st
         out.append(("source_low",
                     f"source accuracy {last['source_acc']:.1%} at p={progress:.2f}: the classifier is not learning "
                     "the labelled domain. Check the source labels and class folders, try a lower --lr (the recipes "
-                    "start from Adam 1e-3 or SGD 0.01), and a smaller --lambda-max until source accuracy rises."))
+                    "start from Adam 1e-3 or SGD 0.01–0.1), and a smaller --lambda-max until source accuracy rises."))
     return out
