@@ -306,8 +306,8 @@ class DriftReference:
         """Run the three tests on one window of exactly ``W`` images; returns per-test results and ``drift``.
 
         Each entry has ``statistic``, ``p_value``, ``threshold`` and ``alarm`` (KS: p < its calibrated level
-        ≤ α/3; MMD: MMD² > its threshold); ``drift`` is true when any test alarms. Effect sizes: the shift of the mean discriminator score and the
-        largest per-class KS distance.
+        ≤ α/3; MMD: MMD² > its threshold); ``drift`` is true when any test alarms. Effect sizes: the shift
+        of the mean discriminator score and the largest per-class KS distance.
         """
         n = len(p_target)
         if not (n == len(probabilities) == len(features)):

@@ -291,8 +291,8 @@ def demo_domain(domain: str, split: str, variant: int = 0) -> tuple[np.ndarray, 
     target: other random affine copies of the same digits, padded to 32×32 and blended MNIST-M-style
     with a random colour texture, ``|texture − digit|`` per channel (:func:`_textures`).
     Split: every 5th digit is test. ``variant`` > 0 draws other copies and textures of the same digits
-    (new in-distribution images for measuring drift false alarms; the dataset specs use variant 0). Measured with the demo's settings (``dann_mnist``, 1,200 steps):
-    see docs/benchmarks.md — source-only stays far below DANN on the target.
+    (new in-distribution images for measuring drift false alarms; the dataset specs use variant 0).
+    docs/benchmarks.md §2 has the demo's numbers: source-only stays far below DANN on the target.
     """
     from PIL import Image
     from sklearn.datasets import load_digits
