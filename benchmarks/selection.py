@@ -34,7 +34,7 @@ def picks(records: list[dict]) -> dict:
     """{selector: (step, target acc)} plus the oracle and, with an EMA, the trained weights' last step."""
     out = {}
     for sel in SELECTORS:
-        if sel != "last" and not all(k in records[0] for k in ("neg_entropy", "snd", "dev_risk")):
+        if sel != "last" and not all(k in records[0] for k in ("snd", "dev_risk")):
             continue  # a run from before the validators were logged
         best = max(records, key=lambda r: (score(r, sel), r["step"]))
         out[sel] = (best["step"], best["target_acc"])

@@ -8,8 +8,8 @@ from train import validators as V
 
 def test_entropy_prefers_confident_predictions():
     confident = np.full((20, 4), 0.01) + np.eye(4)[np.arange(20) % 4] * 0.96
-    assert V.neg_entropy(confident) > V.neg_entropy(np.full((20, 4), 0.25))
-    assert V.neg_entropy(np.full((5, 4), 0.25)) == pytest.approx(-np.log(4), abs=1e-6)
+    assert V.mean_entropy(confident) < V.mean_entropy(np.full((20, 4), 0.25))
+    assert V.mean_entropy(np.full((5, 4), 0.25)) == pytest.approx(np.log(4), abs=1e-6)
 
 
 def test_snd_is_higher_for_clustered_predictions():
@@ -32,9 +32,9 @@ def test_dev_is_the_plain_loss_without_shift_and_the_target_region_loss_with_it(
 
 
 def test_score_ranks_higher_as_better():
-    m = {"step": 7, "im": 1.2, "neg_entropy": -0.3, "snd": 4.0, "dev_risk": 0.25, "target_acc": 0.9}
+    m = {"step": 7, "im": 1.2, "target_entropy": 0.3, "snd": 4.0, "dev_risk": 0.25, "target_acc": 0.9}
     assert [V.score(m, s) for s in ("im", "entropy", "snd", "dev", "last", "target_acc")] == \
         [1.2, -0.3, 4.0, -0.25, 7.0, 0.9]
     scores = V.scores(np.eye(3)[[0, 1, 2, 0]] * 0.9 + 0.033, np.eye(3)[[0, 1, 2]] * 0.9 + 0.033,
                       np.array([0, 1, 2]), np.eye(3), np.eye(3)[[0, 1, 2, 0]])
-    assert set(scores) == {"neg_entropy", "snd", "dev_risk"} and all(np.isfinite(list(scores.values())))
+    assert set(scores) == {"snd", "dev_risk"} and all(np.isfinite(list(scores.values())))

@@ -5,7 +5,7 @@
   G_d is confused — what DANN aims for; ≈ 1.0 means the features still separate the domains.
 - ``pad``: proxy A-distance 2(1 − 2ε), ε the held-out error of a *fresh* linear domain classifier on
   frozen features (Ben-David et al. 2007; DANN paper §5): 0 = aligned, 2 = separable.
-- ``im``, ``neg_entropy``, ``snd``, ``dev_risk``: label-free validators (:mod:`train.validators`); the
+- ``im``, ``target_entropy``, ``snd``, ``dev_risk``: label-free validators (:mod:`train.validators`); the
   one ``--select`` names picks ``best.pt`` when the target is unlabelled.
 """
 
@@ -83,7 +83,7 @@ def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed
         "source_acc": accuracy(ps, source.labels),
         "domain_acc": float(((ds[:n] < 0.5).mean() + (dt[:n] >= 0.5).mean()) / 2),
         "im": information_maximization(pt),
-        "target_entropy": float(-(pt * np.log(pt + 1e-8)).sum(1).mean()),
+        "target_entropy": validators.mean_entropy(pt),
         "pad": proxy_a_distance(fs, ft, seed),
         **validators.scores(pt, ps, source.labels, fs, ft, seed),
     }

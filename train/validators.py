@@ -30,8 +30,9 @@ SND_TAU = 0.05
 MAX_N = 2000  # images per validator (SND's similarity matrix is n × n)
 
 
-def neg_entropy(probs: np.ndarray, eps: float = 1e-8) -> float:
-    return float((probs * np.log(probs + eps)).sum(1).mean())
+def mean_entropy(probs: np.ndarray, eps: float = 1e-8) -> float:
+    """mean H(p) over the rows of (n, K) probabilities, in nats; ``entropy`` ranks by its negative."""
+    return float(-(probs * np.log(probs + eps)).sum(1).mean())
 
 
 def snd(probs: np.ndarray, tau: float = SND_TAU, eps: float = 1e-8) -> float:
@@ -63,13 +64,12 @@ def dev_risk(f_source: np.ndarray, loss_source: np.ndarray, f_target: np.ndarray
 
 def scores(p_target: np.ndarray, p_source: np.ndarray, y_source: np.ndarray, f_source: np.ndarray,
            f_target: np.ndarray, seed: int = 0) -> dict:
-    """Every validator on (up to ``MAX_N`` of) the images: {"entropy", "snd", "dev_risk"} (IM is in evaluate)."""
+    """SND and DEV on (up to ``MAX_N`` of) the images: {"snd", "dev_risk"} (IM and the entropy are in evaluate)."""
     rng = np.random.default_rng(seed)
     it = rng.permutation(len(p_target))[:MAX_N]
     js = rng.permutation(len(p_source))[:MAX_N]
     loss = -np.log(p_source[js, y_source[js]] + 1e-8)
-    return {"neg_entropy": neg_entropy(p_target[it]), "snd": snd(p_target[it]),
-            "dev_risk": dev_risk(f_source[js], loss, f_target[it], seed)}
+    return {"snd": snd(p_target[it]), "dev_risk": dev_risk(f_source[js], loss, f_target[it], seed)}
 
 
 def score(metrics: dict, select: str) -> float:
@@ -78,4 +78,6 @@ def score(metrics: dict, select: str) -> float:
         return float(metrics["step"])
     if select == "dev":
         return -metrics["dev_risk"]
-    return float(metrics[{"im": "im", "entropy": "neg_entropy", "snd": "snd", "target_acc": "target_acc"}[select]])
+    if select == "entropy":
+        return -metrics["target_entropy"]
+    return float(metrics[{"im": "im", "snd": "snd", "target_acc": "target_acc"}[select]])
