@@ -184,6 +184,9 @@ def _add_score(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
     p.add_argument("--no-drift", action="store_true",
                    help="no drift report and no discriminator: only the predictions (faster)")
+    p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                   help="an image file with more pixels (read from its header) is an error row, not decoded "
+                        "(default: $ADAPTSERVE_MAX_PIXELS or 4096×4096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -191,7 +194,7 @@ def cmd_score(args) -> int:
     from service.score import score
 
     s = score(args.model, args.input, args.out, batch_size=args.batch_size, progress=not args.no_progress,
-              device=args.device, threads=args.threads, drift=not args.no_drift)
+              device=args.device, threads=args.threads, drift=not args.no_drift, max_pixels=args.max_pixels)
     if s["n_errors"]:
         print(f"{s['n_errors']} of {s['n_items']} items could not be read and were skipped (see the error column "
               f"of {s['out']})", file=sys.stderr)

@@ -335,3 +335,55 @@ class DriftReference:
         }
         out["drift"] = any(v["alarm"] for v in out.values())
         return out
+
+    def tests(self, result: dict) -> list[dict]:
+        """:meth:`check`'s result as the one list every consumer shows (service ``/drift``, ``/metrics``,
+        the scorer's report): per test name, statistic, p-value, threshold and verdict.
+
+        The KS tests alarm when ``p_value < threshold`` (calibrated, ≤ α/3); the MMD test when
+        ``statistic > threshold`` (the calibrated MMD² quantile) — ``threshold_on`` says which. Effect sizes
+        beside the statistic: ``mean_p_target_shift`` (discriminator KS: window mean of P(target) minus the
+        reference's) and ``class_index`` (softmax KS: the class whose KS p-value is smallest).
+        """
+        out = []
+        for name in TESTS:
+            r = result[name]
+            entry = {"name": name, "statistic": float(r["statistic"]), "p_value": float(r["p_value"]),
+                     "threshold": float(r.get("threshold", self.alpha_per_test)),
+                     "threshold_on": "statistic" if name == "mmd_pca" else "p_value", "is_drift": bool(r["alarm"])}
+            if "mean_p_target_shift" in r:
+                entry["mean_p_target_shift"] = float(r["mean_p_target_shift"])
+            if "class" in r:
+                entry["class_index"] = int(r["class"])
+            out.append(entry)
+        return out
+
+
+class WindowBuffer:
+    """Per-image drift inputs (P(target), softmax, features) cut into consecutive windows of exactly W.
+
+        buf = WindowBuffer(200)
+        for w in buf.add(p_target, probabilities, features):   # 0 or more full windows
+            ref.check(*w)
+        buf.n                                                   # images waiting in the unfinished window
+
+    The live monitor (:mod:`service.monitor`) and the batch scorer (:mod:`service.score`) both cut their
+    windows here, so a stream of images forms the same windows in either."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self._parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.n = 0
+
+    def add(self, p_target, probabilities, features) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        self._parts.append((np.asarray(p_target, np.float32), np.asarray(probabilities, np.float32),
+                            np.asarray(features, np.float32)))
+        self.n += len(p_target)
+        if self.n < self.window:
+            return []
+        cols = [np.concatenate(c) for c in zip(*self._parts)]
+        full = self.n // self.window * self.window
+        windows = [tuple(c[i:i + self.window] for c in cols) for i in range(0, full, self.window)]
+        rest = tuple(c[full:] for c in cols)
+        self._parts, self.n = ([rest] if len(rest[0]) else []), self.n - full
+        return windows

@@ -40,8 +40,8 @@ from typing import Iterator
 import numpy as np
 from scipy.stats import binom
 
-from service.drift import TESTS
-from service.preprocess import ImageError, decode_image, to_input_spec
+from service.drift import TESTS, WindowBuffer
+from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe_conversion, to_input_spec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -50,29 +50,6 @@ DEFAULT_BATCH = 256
 
 class ScoreError(ValueError):
     """A problem with the scorer's arguments or input as a whole (the CLI prints it, exit 2)."""
-
-
-def drift_tests(result: dict, ref) -> list[dict]:
-    """One entry per test of a :meth:`DriftReference.check` result: name, statistic, p-value, threshold.
-
-    The KS tests alarm when ``p_value < threshold`` (calibrated, ≤ α/3); the MMD test when ``statistic > threshold``
-    (the calibrated MMD² quantile) — ``threshold_on`` says which. Effect sizes beside the statistic:
-    ``mean_p_target_shift`` (discriminator KS: window mean of P(target) minus the reference's) and
-    ``class_index`` (softmax KS: the class whose KS p-value is smallest).
-    """
-    out = []
-    for name in TESTS:
-        r = result[name]
-        mmd = name == "mmd_pca"
-        entry = {"name": name, "statistic": float(r["statistic"]), "p_value": float(r["p_value"]),
-                 "threshold": float(r.get("threshold", ref.alpha_per_test)),
-                 "threshold_on": "statistic" if mmd else "p_value", "is_drift": bool(r["alarm"])}
-        if "mean_p_target_shift" in r:
-            entry["mean_p_target_shift"] = float(r["mean_p_target_shift"])
-        if "class" in r:
-            entry["class_index"] = int(r["class"])
-        out.append(entry)
-    return out
 
 
 # ---------------------------------------------------------------- inputs
@@ -91,9 +68,10 @@ class Source:
     n: int
     labelled: bool
     batches: Iterator[Batch] = field(repr=False)
+    shape: tuple | None = None     # arrays: (H, W[, C]) of every image
 
 
-def _folder(root: Path, classes: list[str], batch_size: int) -> Source:
+def _folder(root: Path, classes: list[str], batch_size: int, max_pixels: int) -> Source:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ScoreError(f"folder {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -107,7 +85,7 @@ def _folder(root: Path, classes: list[str], batch_size: int) -> Source:
             images, errors = [], []
             for path in chunk:
                 try:
-                    images.append(decode_image(path.read_bytes()))
+                    images.append(decode_image(path.read_bytes(), max_pixels))
                     errors.append(None)
                 except (ImageError, OSError) as e:
                     images.append(None)
@@ -148,13 +126,14 @@ def _arrays(path: Path, batch_size: int) -> Source:
             yield Batch(list(range(i, i + n)), chunk, [None] * n,
                         labels[i:i + n].tolist() if labels is not None else None)
 
-    return Source("array", len(images), labels is not None, gen())
+    return Source("array", len(images), labels is not None, gen(), tuple(images.shape[1:]))
 
 
-def open_input(path: str | os.PathLike, classes: list[str], batch_size: int = DEFAULT_BATCH) -> Source:
+def open_input(path: str | os.PathLike, classes: list[str], batch_size: int = DEFAULT_BATCH,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> Source:
     path = Path(path)
     if path.is_dir():
-        return _folder(path, classes, batch_size)
+        return _folder(path, classes, batch_size, max_pixels)
     if not path.exists():
         raise ScoreError(f"input {path} does not exist")
     if path.suffix.lower() not in (".npy", ".npz"):
@@ -242,33 +221,25 @@ class WindowDrift:
 
     def __init__(self, ref):
         self.ref, self.window = ref, ref.window
-        self._parts, self._n, self._start = [], 0, 0
+        self._buffer, self._start = WindowBuffer(ref.window), 0
         self._pending: deque = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adaptserve-drift")
         self.results: list[dict] = []
 
     def add(self, p_target, probabilities, features) -> None:
-        self._parts.append((p_target, probabilities, features))
-        self._n += len(p_target)
-        if self._n < self.window:
-            return
-        cols = [np.concatenate(c) for c in zip(*self._parts)]
-        full = self._n // self.window * self.window
-        for i in range(0, full, self.window):
-            future = self._pool.submit(self.ref.check, *(c[i:i + self.window] for c in cols))
+        for window in self._buffer.add(p_target, probabilities, features):
+            future = self._pool.submit(self.ref.check, *window)
             self._pending.append((self._start, future))
             self._start += self.window
             while len(self._pending) > self.MAX_PENDING:
                 self._collect()
-        self._parts = [tuple(c[full:] for c in cols)]
-        self._n -= full
 
     def _collect(self) -> None:
         """Wait for the oldest pending check and record its result (a check's exception is raised here)."""
         start, future = self._pending.popleft()
         result = future.result()
         self.results.append({"window": len(self.results), "start": start, "end": start + self.window,
-                             "is_drift": bool(result["drift"]), "tests": drift_tests(result, self.ref)})
+                             "is_drift": bool(result["drift"]), "tests": self.ref.tests(result)})
 
     def shutdown(self) -> None:
         """Stop the worker thread (pending checks are dropped)."""
@@ -286,7 +257,7 @@ class WindowDrift:
         p_all = float(binom.sf(alarmed - 1, n, self.ref.alpha)) if n else None
         return {"model": model_tag, "window_size": self.window, "alpha": self.ref.alpha,
                 "alpha_per_test": self.ref.alpha_per_test, "n_images": n_images, "n_windows": n,
-                "n_untested_tail": self._n, "n_windows_alarmed": alarmed,
+                "n_untested_tail": self._buffer.n, "n_windows_alarmed": alarmed,
                 "fraction_windows_alarmed": (alarmed / n) if n else None,
                 "fraction_windows_alarmed_per_test": per_test,
                 "whole_set": {"test": "binomial: alarmed windows against the per-window false-alarm rate alpha",
@@ -327,11 +298,15 @@ def _prepare(model, images: list | np.ndarray) -> tuple[np.ndarray | None, list[
 
 
 def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, progress: bool = True,
-          device: str = "cpu", threads: int = 0, model=None, drift: bool = True) -> dict:
+          device: str = "cpu", threads: int = 0, model=None, drift: bool = True,
+          max_pixels: int | None = None) -> dict:
     """Score INPUT with MODEL into ``out`` and ``out.drift.json``; return a summary dict.
 
     ``drift=False``: no drift windows, no discriminator, no ``out.drift.json`` (a stale one from an earlier
-    run on the same ``out`` is removed, so it cannot be read as this run's)."""
+    run on the same ``out`` is removed, so it cannot be read as this run's). ``max_pixels``: an image file
+    with more pixels (read from its header) is an error row, not decoded (default ``ADAPTSERVE_MAX_PIXELS``
+    or 4096 × 4096). Arrays whose images are not the input spec are converted (``.npy`` at its own size is
+    data, like a folder of images); the conversion is said once on stderr and in the drift report."""
     from service.runtime import Model
 
     if batch_size < 1:
@@ -344,7 +319,13 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     model = model or Model.open(model_source, device=device, threads=threads)
     tag = model.tag or str(Path(model_source))
     classes = model.classes
-    source = open_input(input_path, classes, batch_size)
+    if max_pixels is None:
+        raw = os.environ.get("ADAPTSERVE_MAX_PIXELS", "").strip()
+        max_pixels = int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_PIXELS
+    source = open_input(input_path, classes, batch_size, max_pixels)
+    conversion = describe_conversion(source.shape, model.input_spec) if source.shape else None
+    if conversion:
+        print(f"{input_path}: images converted to the model's input, {conversion}", file=sys.stderr)
     id_col = "path" if source.kind == "folder" else "index"
     columns = [id_col, "label", "class_index", "confidence"] + (["true_label"] if source.labelled else []) + ["error"]
     writer = Writer(out, columns)
@@ -383,7 +364,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
             bar.update(len(batch.ids))
         writer.close()
         if monitor is not None:
-            report, writing = monitor.report(tag, n_ok), drift_path
+            report, writing = {**monitor.report(tag, n_ok), "input_conversion": conversion}, drift_path
             drift_path.write_text(json.dumps(report, indent=2))
         else:
             report = {"n_windows": None, "fraction_windows_alarmed": None}
@@ -404,7 +385,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     bar.close()
     return {"model": tag, "input": str(input_path), "out": str(out),
             "drift_report": str(drift_path) if monitor is not None else None,
-            "n_items": source.n, "n_scored": n_ok, "n_errors": n_err,
+            "n_items": source.n, "n_scored": n_ok, "n_errors": n_err, "input_conversion": conversion,
             "accuracy": (n_correct / n_labelled) if n_labelled else None, "n_labelled": n_labelled,
             "n_windows": report["n_windows"], "fraction_windows_alarmed": report["fraction_windows_alarmed"],
             "seconds": time.perf_counter() - t0}

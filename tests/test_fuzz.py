@@ -34,7 +34,8 @@ from test_service import Server, tiny_model
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 FUZZ_EXAMPLES = int(os.environ.get("ADAPTSERVE_FUZZ_EXAMPLES", "50"))
 FUZZ_SEED = os.environ.get("ADAPTSERVE_FUZZ_SEED", "6")
-ENDPOINTS = {"/predict": "post", "/classify": "post", "/drift": "get", "/model": "get"}
+ENDPOINTS = {"/predict": "post", "/classify": "post", "/drift": "get", "/model": "get", "/raw/predict": "post",
+             "/raw/classify": "post"}
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ Uses the tiny model of tests/test_service.py (trained and exported once per sess
 import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +137,10 @@ def test_npy_grey_images_and_inverted_images_alarm(model, target, tmp_path, caps
     np.save(grey, np.zeros((3, 28, 28), np.uint8))  # (N,H,W) grey, other size → input spec
     code, _, stderr = run_cli(capsys, model["folder"], grey, "--out", tmp_path / "g.jsonl")
     assert code == 0, stderr
+    said = "28×28×1 → 32×32×3 (grey repeated to 3 channels, zero-padded, centred)"
+    assert stderr.count(said) == 1, stderr  # the conversion, said once
+    assert json.loads((tmp_path / "g.jsonl.drift.json").read_text())["input_conversion"] == said
+    assert report["input_conversion"] is None and "converted" not in run_cli(capsys, model["folder"], npy, "--out", out)[2]
     rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [r["class_index"] for r in rows] == model["runtime"].predict(np.zeros((3, 28, 28, 1), np.uint8)).predictions.tolist()
 
@@ -194,6 +197,10 @@ class _FakeReference:
 
     window, alpha, alpha_per_test = 3, 0.01, 0.01 / 3
 
+    from service.drift import DriftReference
+
+    tests = DriftReference.tests  # formats a check's result (uses alpha_per_test only)
+
     def check(self, p_target, probabilities, features):
         if p_target[0] < 0:
             raise ValueError("check failed")
@@ -228,3 +235,17 @@ def test_window_drift_on_its_worker_thread_keeps_order_and_raises_check_errors()
     with pytest.raises(ValueError, match="check failed"):
         feed(drift, [-1, 0, 0] + [0] * 3 * WindowDrift.MAX_PENDING, [3] * (WindowDrift.MAX_PENDING + 1))
     drift.shutdown()
+
+
+def test_image_files_over_the_pixel_limit_are_error_rows_not_decoded(model, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.zeros((12000, 12000), np.uint8)).save(folder / "huge.png")  # 144 Mpx, ~140 KB
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "small.png")
+    code, _, stderr = run_cli(capsys, model["folder"], folder, "--out", tmp_path / "p.csv", "--no-drift")
+    assert code == 0 and "1 of 2 items could not be read" in stderr, stderr
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader((tmp_path / "p.csv").open())}
+    assert "ADAPTSERVE_MAX_PIXELS" in rows["huge.png"]["error"] and rows["small.png"]["error"] == ""
+    code, _, stderr = run_cli(capsys, model["folder"], folder, "--out", tmp_path / "q.csv", "--no-drift",
+                              "--max-pixels", "1000")  # 40×40 = 1,600 pixels: over this limit too
+    assert code == 0 and "2 of 2 items could not be read" in stderr, stderr

@@ -8,6 +8,7 @@ killed at teardown. Test order matters for the drift test, which runs first agai
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -181,9 +182,111 @@ def test_predict_json_and_npy_equal_the_runtime(servers, images, model):
         np.testing.assert_allclose(np.array(body["probabilities"]), expected.probabilities, rtol=0, atol=1e-6)
     one = c.post("/predict", json={"images": x[0].tolist()}).json()  # one (H,W,C) image
     assert one["class_indices"] == expected.predictions[:1].tolist()
-    grey = rt.predict(np.zeros((2, 28, 28, 1), np.uint8))  # other size / channels → input spec
-    r = c.post("/predict", json={"images": np.zeros((2, 28, 28, 1), np.uint8).tolist()}).json()
-    np.testing.assert_allclose(r["probabilities"], grey.probabilities, atol=1e-6)
+    spec = rt.input_spec
+    grey = np.zeros((2, spec.height, spec.width, 1), np.uint8)  # one channel → the model's three: converted
+    for path in ("/predict", "/raw/predict"):
+        r = c.post(path, json={"images": grey.tolist()})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["probabilities"], rt.predict(grey).probabilities, atol=1e-6)
+    assert post_npy(c, x, path="/raw/predict").json()["class_indices"] == expected.predictions.tolist()
+
+
+def test_raw_arrays_must_match_the_input_size_unless_resize_is_asked_for(servers, model):
+    """A flat vector, a transposed array or the wrong crop is a 400 naming both shapes on every raw-array path,
+    not a confident answer; resize=true (JSON field, .npy query) resizes like image files are resized."""
+    c, rt = servers["open"], model["runtime"]
+    spec = rt.input_spec
+    wrong = {"1×3": np.array([[1, 2, 3]], np.uint8), "1×5000": np.zeros((1, 1, 5000, 3), np.uint8),
+             "transposed": np.zeros((1, spec.channels, spec.height, spec.width), np.uint8),
+             "28 px": np.zeros((2, spec.height - 4, spec.width - 4, spec.channels), np.uint8)}
+    for name, a in wrong.items():
+        for r in (c.post("/predict", json={"images": a.tolist()}), c.post("/raw/predict", json={"images": a.tolist()}),
+                  post_npy(c, a), post_npy(c, a, path="/raw/predict")):
+            assert r.status_code == 400, (name, r.status_code, r.text)
+            msg = r.json()["error"]
+            assert f"the model takes {spec.height}×{spec.width}×{spec.channels}" in msg, msg
+            assert name == "transposed" or "resize=true" in msg, msg  # (N,C,H,W): the channel axis is named
+    a = np.random.default_rng(0).integers(0, 256, (3, spec.height + 9, spec.width + 5, 3), dtype=np.uint8)
+    expected = rt.predict(a)  # the runtime (and the scorer) resize
+    for r in (c.post("/predict", json={"images": a.tolist(), "resize": True}),
+              c.post("/raw/predict", json={"images": a.tolist(), "resize": True}),
+              post_npy(c, a, path="/predict?resize=true")):
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["probabilities"], expected.probabilities, atol=1e-6)
+    assert c.post("/raw/predict", json={"images": a.tolist(), "resize": "yes"}).status_code == 400
+    assert post_npy(c, a, path="/predict?resize=maybe").status_code == 400
+
+
+def test_bentoml_clients_call_the_typed_apis(servers, images, model):
+    """BentoML's own clients build their methods from /schema.json: predict, classify (and GET /drift, /model
+    through client.request)."""
+    import asyncio
+
+    import bentoml
+
+    url, rt = servers["servers"][0].url, model["runtime"]
+    x = images["target"][:5]
+    expected = rt.predict(x)
+    with bentoml.SyncHTTPClient(url) as client:
+        out = client.predict(images=x)
+        assert out["class_indices"] == expected.predictions.tolist() and out["model"] == model["tag"]
+        np.testing.assert_allclose(out["probabilities"], expected.probabilities, atol=1e-6)
+        assert client.predict(images=np.zeros((1, 7, 7, 3), np.uint8), resize=True)["class_indices"]
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="the model takes"):
+            client.predict(images=np.zeros((1, 7, 7, 3), np.uint8))
+        with tempfile_pngs(x[:2]) as paths:
+            out = client.classify(files=paths)
+        assert out["filenames"] == [p.name for p in paths]
+        assert out["class_indices"] == expected.predictions[:2].tolist()
+        assert client.request("GET", "/model").json()["tag"] == model["tag"]
+        assert client.request("GET", "/drift").json()["window_size"] == rt.drift_reference.window
+        with pytest.raises(bentoml.exceptions.BentoMLException, match="multipart/form-data"):  # not fetched as a URL
+            client.classify(files=["http://127.0.0.1:9/x.png"])
+
+    async def call():
+        async with bentoml.AsyncHTTPClient(url) as client:
+            return await client.predict(images=x)
+
+    assert asyncio.run(call())["class_indices"] == expected.predictions.tolist()
+    with bentoml.SyncHTTPClient(servers["servers"][1].url, token=KEY) as keyed:  # ADAPTSERVE_API_KEY
+        assert keyed.predict(images=x)["class_indices"] == expected.predictions.tolist()
+
+
+class tempfile_pngs:
+    """PNG files of ``images`` in a temporary folder, as a list of paths (context manager)."""
+
+    def __init__(self, images):
+        import tempfile
+
+        self.dir = tempfile.TemporaryDirectory()
+        self.paths = []
+        for i, a in enumerate(images):
+            p = Path(self.dir.name) / f"img{i}.png"
+            p.write_bytes(png(a))
+            self.paths.append(p)
+
+    def __enter__(self):
+        return self.paths
+
+    def __exit__(self, *exc):
+        self.dir.cleanup()
+
+
+def test_image_files_over_the_pixel_limits_are_refused_before_decoding(servers):
+    """20 blank 12000×12000 PNGs (2.8 MB) once cost 47 s of CPU: now a 413 from the headers alone."""
+    c = servers["open"]
+    big = png(np.zeros((12000, 12000, 1), np.uint8))
+    t0 = time.perf_counter()
+    for path in ("/classify", "/raw/classify"):
+        r = c.post(path, files=[("files", (f"big{i}.png", big, "image/png")) for i in range(20)])
+        assert r.status_code == 413, r.text
+        assert "ADAPTSERVE_MAX_PIXELS" in r.json()["error"] and "big0.png" in r.json()["error"]
+    assert time.perf_counter() - t0 < 10
+    under = png(np.zeros((3000, 3000, 1), np.uint8))  # 9 Mpx each, under the 16.8 Mpx limit; 8 of them 72 Mpx
+    r = c.post("/classify", files=[("files", (f"u{i}.png", under, "image/png")) for i in range(8)])
+    assert r.status_code == 413 and "ADAPTSERVE_MAX_REQUEST_PIXELS" in r.json()["error"], r.text
+    r = c.post("/classify", files=[("files", ("u.png", under, "image/png"))])
+    assert r.status_code == 200, r.text
 
 
 def test_classify_png_uploads(servers, images, model):
@@ -192,13 +295,14 @@ def test_classify_png_uploads(servers, images, model):
     grey = np.full((28, 28, 1), 40, np.uint8)
     files = [("files", (f"img{i}.png", png(a), "image/png")) for i, a in enumerate(x)]
     files.append(("files", ("grey.png", png(grey), "image/png")))
-    r = c.post("/classify", files=files)
-    assert r.status_code == 200, r.text
-    body = r.json()
     expected = rt.predict(np.concatenate([x, rt.prepare(grey)]))
-    assert body["filenames"] == ["img0.png", "img1.png", "img2.png", "grey.png"]
-    assert body["class_indices"] == expected.predictions.tolist() and body["model"] == model["tag"]
-    np.testing.assert_allclose(body["probabilities"], expected.probabilities, atol=1e-6)
+    raw_files = [(f"field{i}", f) for i, (_, f) in enumerate(files)]  # the raw route takes any field names
+    for r in (c.post("/classify", files=files), c.post("/raw/classify", files=raw_files)):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["filenames"] == ["img0.png", "img1.png", "img2.png", "grey.png"]
+        assert body["class_indices"] == expected.predictions.tolist() and body["model"] == model["tag"]
+        np.testing.assert_allclose(body["probabilities"], expected.probabilities, atol=1e-6)
 
 
 def test_model_and_docs(servers, model):
@@ -210,20 +314,22 @@ def test_model_and_docs(servers, model):
     assert r.status_code == 307 and r.headers["location"] == "/" and c.get("/").status_code == 200  # Swagger UI
     paths = c.get("/docs.json").json()["paths"]
     assert {"/predict", "/classify", "/drift", "/model", "/livez", "/readyz", "/metrics"} <= set(paths)
-    assert "post" in paths["/predict"] and "application/x-npy" in paths["/predict"]["post"]["requestBody"]["content"]
+    assert "images" in json.dumps(paths["/predict"]["post"]["requestBody"])
     assert "multipart/form-data" in paths["/classify"]["post"]["requestBody"]["content"]
-    assert "get" in paths["/drift"] and "get" in paths["/model"]
+    schema = {a["name"]: a for a in c.get("/schema.json").json()["routes"]}  # what BentoML's clients read
+    assert {"predict", "classify"} <= set(schema)
+    assert schema["predict"]["input"]["properties"]["images"]["type"] == "tensor"
 
 
 # ---------------------------------------------------------------- bad input → 4xx naming the problem
 
 def _json(c, body, ctype="application/json"):
-    return c.post("/predict", content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+    return c.post("/raw/predict", content=body if isinstance(body, bytes) else json.dumps(body).encode(),
                   headers={"content-type": ctype})
 
 
 def _multipart(c, files, data=None):
-    return c.post("/classify", files=files, data=data)
+    return c.post("/raw/classify", files=files, data=data)
 
 
 BAD = [
@@ -249,7 +355,9 @@ BAD = [
     ("complex npy", lambda c: post_npy(c, np.zeros((1, 8, 8, 3), np.complex64)), 400, "dtype"),
     ("too many images", lambda c: post_npy(c, np.zeros((MAX_IMAGES + 1, 2, 2, 3), np.uint8)), 413, "ADAPTSERVE_MAX_IMAGES"),
     ("too many bytes", lambda c: _json(c, b"[" + b" " * MAX_BYTES + b"]"), 413, "ADAPTSERVE_MAX_BYTES"),
-    ("classify: not multipart", lambda c: c.post("/classify", json={"images": []}),
+    ("wrong size", lambda c: _json(c, {"images": np.zeros((1, 8, 8, 3), int).tolist()}), 400, "the model takes"),
+    ("resize not a bool", lambda c: _json(c, {"images": [[[0, 0, 0]]], "resize": 1}), 400, '"resize"'),
+    ("classify: not multipart", lambda c: c.post("/raw/classify", json={"images": []}),
      415, "multipart"),
     ("classify: no files", lambda c: _multipart(c, {"field": (None, b"x")}), 400, "no image files"),
     ("classify: corrupt file", lambda c: _multipart(c, [("files", ("ok.png", png(np.zeros((8, 8, 3), np.uint8)), "image/png")),
@@ -270,6 +378,50 @@ def test_bad_input_gets_a_4xx_that_names_the_problem(servers, server, name, call
     body = r.json()
     assert message in body["error"] and body["status"] == status, body
     assert "Traceback" not in r.text
+
+
+def _typed(c, body):
+    return c.post("/predict", content=body if isinstance(body, bytes) else json.dumps(body).encode(),
+                  headers={"content-type": "application/json"})
+
+
+# The typed APIs: BentoML validates the body against the signature first (its 400s carry pydantic's
+# "detail"), then the service checks the values (our {"error", "status"}).
+TYPED_BAD = [
+    ("not JSON", lambda c: _typed(c, b"{not json"), 400, "Invalid JSON"),
+    ("no images", lambda c: _typed(c, {"image": []}), 400, "Field required"),
+    ("ragged", lambda c: _typed(c, {"images": [[[0, 0, 0]], [[0, 0]]]}), 400, "inhomogeneous"),
+    ("strings", lambda c: _typed(c, {"images": [[["a", "b", "c"]]]}), 400, "numbers"),
+    ("rank 1", lambda c: _typed(c, {"images": [1, 2, 3]}), 400, "(N,H,W,C)"),
+    ("over 255", lambda c: _typed(c, {"images": np.full((1, 8, 8, 3), 300).tolist()}), 400, "[0, 255]"),
+    ("two channels", lambda c: _typed(c, {"images": np.zeros((1, 8, 8, 2), int).tolist()}), 400, "channels"),
+    ("wrong size", lambda c: _typed(c, {"images": np.zeros((1, 8, 8, 3), int).tolist()}), 400, "the model takes"),
+    ("too many images", lambda c: _typed(c, {"images": np.zeros((MAX_IMAGES + 1, 1, 1, 3), int).tolist()}), 413,
+     "ADAPTSERVE_MAX_IMAGES"),
+    ("too many bytes", lambda c: _typed(c, b"[" + b" " * MAX_BYTES + b"]"), 413, "ADAPTSERVE_MAX_BYTES"),
+    ("classify: no files field", lambda c: c.post("/classify", files=[("f", ("a.png", b"x", "image/png"))]), 400,
+     "Field required"),
+    ("classify: a URL in place of a file", lambda c: c.post("/classify", data={"files": "http://127.0.0.1:9/x.png"},
+                                                            files=[("other", ("a.png", b"x", "image/png"))]), 400,
+     "uploaded file"),
+    ("classify: no boundary", lambda c: c.post("/classify", content=b"x", headers={"content-type": "multipart/form-data"}),
+     400, "boundary"),
+    ("classify: not multipart", lambda c: c.post("/classify", json={"files": []}), 415, "multipart/form-data"),
+    ("predict: multipart", lambda c: c.post("/predict", files=[("images", ("a.png", b"x", "image/png"))]), 415,
+     "application/json"),
+    ("classify: corrupt file", lambda c: c.post("/classify", files=[("files", ("bad.png", b"not a png", "image/png"))]),
+     400, "'bad.png'"),
+    ("classify: too many files", lambda c: c.post("/classify", files=[("files", (f"{i}.png", b"x", "image/png"))
+                                                                     for i in range(MAX_IMAGES + 1)]), 413,
+     "ADAPTSERVE_MAX_IMAGES"),
+]
+
+
+@pytest.mark.parametrize("name,call,status,message", TYPED_BAD, ids=[b[0] for b in TYPED_BAD])
+def test_bad_input_to_the_typed_apis_gets_a_4xx_that_names_the_problem(servers, name, call, status, message):
+    r = call(servers["open"])
+    assert r.status_code == status, (name, r.status_code, r.text)
+    assert message in r.text and "error" in r.json() and "Traceback" not in r.text, r.text
 
 
 # ---------------------------------------------------------------- concurrency and adaptive batching
@@ -321,7 +473,7 @@ def test_batching_merges_concurrent_calls_and_feeds_the_drift_monitor(servers, i
 
 
 def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, images):
-    from service.service import DriftMonitor
+    from service.monitor import DriftMonitor
 
     rt = model["runtime"]
     outputs = lambda p: (p.p_target, p.probabilities, p.features)  # noqa: E731
@@ -354,8 +506,8 @@ def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, im
 
 
 def test_batching_is_auto_on_with_a_gpu_off_on_the_cpu_and_can_be_forced():
-    from service.service import BATCHING, batching_enabled
     from service.runtime import gpu_available
+    from service.settings import Settings, batching_enabled
 
     assert batching_enabled("", "auto", gpu=True) and batching_enabled("auto", "cuda", gpu=True)
     assert not batching_enabled("", "auto", gpu=False) and not batching_enabled("auto", "cpu", gpu=True)
@@ -363,11 +515,27 @@ def test_batching_is_auto_on_with_a_gpu_off_on_the_cpu_and_can_be_forced():
     with pytest.raises(ValueError, match="on, off or auto"):
         batching_enabled("sometimes", "auto", gpu=False)
     if not gpu_available() and os.environ.get("ADAPTSERVE_BATCHING", "auto") in ("", "auto"):
-        assert BATCHING is False  # this machine: no GPU, so the default is the unbatched path
+        assert Settings.from_env({}).batching is False  # this machine: no GPU, so the default is the unbatched path
+
+
+def test_settings_are_read_once_and_bad_values_are_named():
+    from service.settings import Settings
+
+    s = Settings.from_env({"ADAPTSERVE_MODEL": "m:1", "ADAPTSERVE_MAX_PIXELS": "100", "ADAPTSERVE_DRIFT": "off"}, gpu=False)
+    assert (s.model, s.max_pixels, s.max_request_pixels, s.drift, s.batching) == ("m:1", 100, 400, False, False)
+    assert Settings.from_env({}, bundled="b:2", gpu=False).model == "b:2"
+    for env, message in [({"ADAPTSERVE_MAX_IMAGES": "many"}, "ADAPTSERVE_MAX_IMAGES must be an integer"),
+                         ({"ADAPTSERVE_THREADS": "-1"}, "at least 0"), ({"ADAPTSERVE_DRIFT": "maybe"}, "on or off"),
+                         ({"ADAPTSERVE_DRIFT_BUDGET": "2"}, "(0, 1]"), ({"ADAPTSERVE_DEVICE": "tpu"}, "auto, cpu or cuda"),
+                         ({"ADAPTSERVE_DRIFT_WINDOW": "100"}, "calibrated for at export")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Settings.from_env(env, gpu=False)
+    with pytest.raises(Exception):
+        s.max_images = 1  # frozen
 
 
 def test_read_npy_equals_np_load_and_falls_back_to_it():
-    from service.service import read_npy
+    from service.http import read_npy
 
     def npy(a, version=None):
         buf = io.BytesIO()
@@ -392,12 +560,16 @@ def test_read_npy_equals_np_load_and_falls_back_to_it():
 
 def test_bentoml_timeout_middleware_cancels_its_timer_and_still_times_out():
     """BentoML 1.4.39 left one 120-s timer per request on the event loop (memory, GC time); the service
-    module patches its TimeoutMiddleware to cancel it (service.service.cancel_bentoml_timeout_timers)."""
+    module patches its TimeoutMiddleware to cancel it (service.bentoml_patches, applied by service.service).
+    If BentoML changes the middleware, the patch leaves it alone and this test fails: re-check the leak."""
     import asyncio
 
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    import service.service  # noqa: F401  (applies the patch at import)
+    from service import bentoml_patches
+
+    bentoml_patches.apply()
+    assert getattr(TimeoutMiddleware.__call__, "_adaptserve", False), "BentoML's TimeoutMiddleware changed"
 
     async def fast(scope, receive, send):
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -447,20 +619,26 @@ def test_wrong_method_is_405(servers):
 
 # ---------------------------------------------------------------- auth
 
-def test_api_key(servers, images):
+def test_api_key(servers, images, model):
     k, o = servers["keyed"], servers["open"]
     good, bad = {"Authorization": f"Bearer {KEY}"}, {"Authorization": "Bearer nope"}
     x = images["target"][:2]
+    name = model["tag"].split(":")[0]
     for path, call in [("/predict", lambda h: post_npy(k, x, headers=h)),
-                       ("/classify", lambda h: k.post("/classify", files=[("f", ("a.png", png(x[0]), "image/png"))], headers=h)),
+                       ("/predict JSON", lambda h: k.post("/predict", json={"images": x.tolist()}, headers=h)),
+                       ("/classify", lambda h: k.post("/classify", files=[("files", ("a.png", png(x[0]), "image/png"))],
+                                                      headers=h)),
+                       ("/raw/classify", lambda h: k.post("/raw/classify", files=[("f", ("a.png", png(x[0]), "image/png"))],
+                                                          headers=h)),
                        ("/drift", lambda h: k.get("/drift", headers=h)),
-                       ("/model", lambda h: k.get("/model", headers=h))]:
+                       ("/model", lambda h: k.get("/model", headers=h)),
+                       ("/v2/models", lambda h: k.get(f"/v2/models/{name}", headers=h))]:
         for headers, message in [({}, "missing API key"), (bad, "invalid API key")]:
             r = call(headers)
             assert r.status_code == 401 and message in r.json()["error"], (path, r.text)
             assert r.headers["www-authenticate"] == "Bearer"
         assert call(good).status_code == 200, path
-    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/docs"):
+    for path in ("/livez", "/readyz", "/metrics", "/docs.json", "/docs", "/v2/health/live", "/v2/health/ready"):
         assert k.get(path, follow_redirects=True).status_code == 200, path
     assert post_npy(o, x).status_code == 200 and o.get("/drift").status_code == 200  # no key configured: open
 
@@ -480,17 +658,12 @@ def test_service_module_imports_without_torch(model):
     assert r.returncode == 0, r.stderr
 
 
-def test_a_window_override_other_than_the_calibrated_one_is_refused(model, tmp_path):
-    s = Server(model["tag"], tmp_path / "w.log", ADAPTSERVE_DRIFT_WINDOW=100)
-    try:  # BentoML logs the failed start-up and never becomes ready
-        deadline = time.monotonic() + 30
-        w = model["runtime"].drift_reference.window
-        while f"calibrated for windows of {w}" not in s.log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert "ADAPTSERVE_DRIFT_WINDOW=100" in s.log.read_text()
-        assert httpx.get(s.url + "/readyz", timeout=2).status_code != 200
-    except httpx.HTTPError:
-        pass
+def test_a_bad_setting_stops_bentoml_serve_with_its_name(model, tmp_path):
+    s = Server(model["tag"], tmp_path / "w.log", ADAPTSERVE_DRIFT_WINDOW=100)  # gone: W is the calibrated one
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            s.wait_ready(timeout=60)
+        assert "ADAPTSERVE_DRIFT_WINDOW is gone" in s.log.read_text()
     finally:
         s.stop()
 
@@ -517,7 +690,74 @@ def test_bentoml_build_bundles_the_service_and_the_model(model, tmp_path):
     # must load the model that was built in, not whatever adaptserve-dann:latest names in a store
     src = Path(bento.path) / "src"
     bare_env = {k: v for k, v in env.items() if k != "ADAPTSERVE_MODEL"} | {"PYTHONPATH": str(src)}
-    r = subprocess.run([sys.executable, "-c", "import service.service as s; print(s.MODEL_SOURCE)"], cwd=src,
+    r = subprocess.run([sys.executable, "-c", "import service.service as s; print(s.SETTINGS.model)"], cwd=src,
                        env=bare_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == model["tag"]
+
+
+# ---------------------------------------------------------------- the Open Inference Protocol (KServe v2 / Triton)
+
+def test_open_inference_protocol_with_tritonclient(servers, images, model):
+    """Triton's own HTTP client: health, metadata, infer with binary and JSON tensors, errors; drift is fed."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    rt, c = model["runtime"], servers["open"]
+    spec, name = rt.input_spec, model["tag"].split(":")[0]
+    client = triton.InferenceServerClient(servers["servers"][0].url.removeprefix("http://"), network_timeout=60)
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+        meta = client.get_model_metadata(name)
+        assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, spec.height, spec.width, spec.channels]}]
+        assert [o["name"] for o in meta["outputs"]] == ["probabilities", "logits", "features", "p_target"]
+        assert client.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+
+        x = images["target"][:7]
+        expected = rt.predict(x)
+        before = c.get("/drift").json()
+        for binary_in in (True, False):
+            for binary_out in (True, False):
+                inp = triton.InferInput("images", list(x.shape), "UINT8")
+                inp.set_data_from_numpy(x, binary_data=binary_in)
+                outs = [triton.InferRequestedOutput(n, binary_data=binary_out) for n in ("probabilities", "p_target")]
+                r = client.infer(name, [inp], outputs=outs, request_id="r1")
+                np.testing.assert_allclose(r.as_numpy("probabilities"), expected.probabilities, atol=1e-6)
+                np.testing.assert_allclose(r.as_numpy("p_target"), expected.p_target, atol=1e-6)
+                assert r.as_numpy("logits") is None and r.get_response()["id"] == "r1"
+        inp = triton.InferInput("images", list(x.shape), "UINT8")
+        inp.set_data_from_numpy(x)
+        r = client.infer(name, [inp])  # no outputs named: all four, binary
+        assert r.as_numpy("features").shape == expected.features.shape
+        np.testing.assert_allclose(r.as_numpy("logits"), expected.logits, atol=1e-5)
+        after = c.get("/drift").json()
+        seen = lambda d: (d["windows_checked"] + d["windows_pending"] + d["windows_skipped"]) * d["window_size"] + d["n_in_window"]  # noqa: E731
+        assert seen(after) - seen(before) == 5 * len(x)  # every inference fed the drift monitor
+
+        bad = [(np.zeros((1, spec.height, spec.width + 1, spec.channels), np.uint8), "UINT8", 400, "the model takes"),
+               (np.zeros((1, spec.height, spec.width, spec.channels), np.float32), "FP32", 400, "must be UINT8"),
+               (np.zeros((spec.height, spec.width, spec.channels), np.uint8), "UINT8", 400, "[N, H, W, C]")]
+        for a, dtype, status, message in bad:
+            inp = triton.InferInput("images", list(a.shape), dtype)
+            inp.set_data_from_numpy(a)
+            with pytest.raises(InferenceServerException, match=re.escape(message)) as e:
+                client.infer(name, [inp])
+            assert e.value.status() == str(status)
+        with pytest.raises(InferenceServerException, match="not found"):
+            client.get_model_metadata("another-model")
+    finally:
+        client.close()
+    # the same protocol by hand: JSON data, errors as {"error": ...} with their status
+    body = {"inputs": [{"name": "images", "shape": list(x[:1].shape), "datatype": "UINT8", "data": x[:1].ravel().tolist()}]}
+    r = c.post(f"/v2/models/{name}/infer", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    probs = next(o for o in r.json()["outputs"] if o["name"] == "probabilities")
+    assert probs["shape"] == [1, len(rt.classes)] and np.allclose(probs["data"], expected.probabilities[0], atol=1e-6)
+    for path, payload, status in [(f"/v2/models/{name}/infer", {"inputs": []}, 400),
+                                  (f"/v2/models/{name}/infer", {**body, "outputs": [{"name": "nope"}]}, 400),
+                                  ("/v2/models/other/infer", body, 404),
+                                  (f"/v2/models/{name}/versions/v0/infer", body, 404)]:
+        r = c.post(path, json=payload)
+        assert r.status_code == status and set(r.json()) == {"error"}, (path, r.text)
+    r = c.post(f"/v2/models/{name}/infer", content=b"{}", headers={"Inference-Header-Content-Length": "99"})
+    assert r.status_code == 400 and "does not fit" in r.json()["error"]
