@@ -1,4 +1,4 @@
-"""/predict throughput and latency: the adaptserve service vs a bare Starlette + ORT server, side by side.
+"""Serving throughput and latency by route: the adaptserve service vs a bare Starlette + ORT server, side by side.
 
     ADAPTSERVE_DATA=../shared/data .venv/bin/python benchmarks/serve_throughput.py MODEL_FOLDER \\
         [--seconds 4] [--rounds 2] [--cold-starts 3] [--out results.json]
@@ -15,7 +15,10 @@ once on 127.0.0.1 (free ports), each with one process and one ONNX Runtime threa
 
 The first four run by default; ``--kinds`` picks others.
 
-For every payload (one image / 64 images, as JSON and as .npy; MNIST-M test images, 32×32×3 uint8) and
+For every payload (one image / 64 images; MNIST-M test images at the model's input size, uint8) sent by each route of
+``--routes`` — the typed BentoML API (``/predict``, JSON), the hand-parsed route (``/raw/predict``, JSON),
+``.npy`` to ``/predict``, and the Open Inference Protocol with JSON or binary tensors (``/v2/models/NAME/infer``,
+binary output) — while the bare server gets the same images as JSON or ``.npy`` — and
 concurrency (1, 32), each server gets ``--seconds`` of closed-loop load from a minimal keep-alive HTTP/1.1
 client (asyncio streams, one connection per simulated client); servers take turns, in a rotated order,
 ``--rounds`` times, and the rounds are pooled. Reported: requests/s, images/s, p50/p99 latency, non-200
@@ -70,8 +73,9 @@ class Server(ServeProcess):
 
 # ---------------------------------------------------------------- load generator
 
-def request_bytes(port: int, body: bytes, ctype: str) -> bytes:
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+def request_bytes(port: int, path: str, body: bytes, headers: dict) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}"
             f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
     return head.encode() + body
 
@@ -120,17 +124,47 @@ def npy(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def payloads(images: np.ndarray) -> dict[str, tuple[int, list[tuple[bytes, str]]]]:
-    """name → (images per request, [(body, content type)]) — a few distinct bodies per payload."""
+def oip_body(a: np.ndarray, binary: bool) -> tuple[bytes, dict]:
+    """An Open Inference Protocol infer request for uint8 images ``a``: JSON data, or the binary extension."""
     import orjson
 
-    singles, batches = images[:256], [images[256 + 64 * k:256 + 64 * (k + 1)] for k in range(8)]
-    return {
-        "1 image, JSON": (1, [(orjson.dumps({"images": a.tolist()}), "application/json") for a in singles]),
-        "1 image, .npy": (1, [(npy(a[None]), "application/x-npy") for a in singles]),
-        "64 images, JSON": (64, [(orjson.dumps({"images": b.tolist()}), "application/json") for b in batches]),
-        "64 images, .npy": (64, [(npy(b), "application/x-npy") for b in batches]),
-    }
+    outputs = [{"name": "probabilities", "parameters": {"binary_data": binary}}]
+    tensor = {"name": "images", "shape": list(a.shape), "datatype": "UINT8"}
+    if not binary:
+        return orjson.dumps({"inputs": [{**tensor, "data": a.ravel().tolist()}], "outputs": outputs}), \
+            {"Content-Type": "application/json"}
+    head = orjson.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": a.nbytes}}], "outputs": outputs})
+    return head + a.tobytes(), {"Content-Type": "application/octet-stream",
+                                "Inference-Header-Content-Length": str(len(head))}
+
+
+# payload route → (service path, body kind); the bare server always gets the JSON or .npy equivalent
+ROUTES = {"JSON": ("/predict", "json"), "raw JSON": ("/raw/predict", "json"), ".npy": ("/predict", "npy"),
+          "OIP JSON": ("/v2/models/{name}/infer", "oip-json"), "OIP binary": ("/v2/models/{name}/infer", "oip-bin")}
+DEFAULT_ROUTES = ["JSON", "raw JSON", ".npy", "OIP JSON", "OIP binary"]
+
+
+def payloads(images: np.ndarray, model_name: str, routes: list[str]) -> dict:
+    """name → (images per request, {"service": [(path, body, headers)], "bare": [...]}), a few bodies each."""
+    import orjson
+
+    def bodies(a: np.ndarray, kind: str) -> tuple[bytes, dict]:
+        if kind == "json":
+            return orjson.dumps({"images": a.tolist()}), {"Content-Type": "application/json"}
+        if kind == "npy":
+            return npy(a), {"Content-Type": "application/x-npy"}
+        return oip_body(a, binary=kind == "oip-bin")
+
+    singles, batches = images[:256, None], [images[256 + 64 * k:256 + 64 * (k + 1)] for k in range(8)]
+    out = {}
+    for n, arrays in ((1, singles), (64, batches)):
+        for route in routes:
+            path, kind = ROUTES[route]
+            bare_kind = "json" if kind in ("json", "oip-json") else "npy"
+            out[f"{n} image{'s' if n > 1 else ''}, {route}"] = (n, {
+                "service": [(path.format(name=model_name), *bodies(a, kind)) for a in arrays],
+                "bare": [("/predict", *bodies(a, bare_kind)) for a in arrays]})
+    return out
 
 
 def mnist_m_test(data_root: str) -> np.ndarray:
@@ -138,6 +172,14 @@ def mnist_m_test(data_root: str) -> np.ndarray:
     with lzma.open(path) as f:
         a = np.load(f)
     return a[np.random.default_rng(0).permutation(len(a))[:768]]  # shuffled: drift windows stay in-distribution
+
+
+def in_input_spec(images: np.ndarray, model: Path) -> np.ndarray:
+    """The images at the model's input size (raw arrays of another size are a 400 by the service's contract)."""
+    from service.preprocess import InputSpec, to_input_spec
+
+    spec = InputSpec.from_dict(json.loads((model / "manifest.json").read_text())["input_spec"])
+    return to_input_spec(images, spec)
 
 
 # ---------------------------------------------------------------- report
@@ -162,7 +204,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, choices=list(KINDS))
-    ap.add_argument("--payloads", nargs="+", default=None, help="subset of payload names (default: all four)")
+    ap.add_argument("--routes", nargs="+", default=DEFAULT_ROUTES, choices=list(ROUTES),
+                    help="how the service is called: typed JSON, raw JSON, .npy, OIP JSON, OIP binary")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[1, 64], choices=[1, 64], help="images per request")
     ap.add_argument("--cold-starts", type=int, default=3)
     ap.add_argument("--data-dir", default=os.environ.get("ADAPTSERVE_DATA", str(ROOT.parent / "shared" / "data")))
     ap.add_argument("--logs", type=Path, default=Path("/tmp/adaptserve-serve-bench"))
@@ -170,9 +214,8 @@ def main() -> None:
     args = ap.parse_args()
     args.logs.mkdir(parents=True, exist_ok=True)
     model = args.model.resolve()
-    loads = payloads(mnist_m_test(args.data_dir))
-    if args.payloads:
-        loads = {k: v for k, v in loads.items() if k in args.payloads}
+    loads = {k: v for k, v in payloads(in_input_spec(mnist_m_test(args.data_dir), model), model.name, args.routes).items()
+             if v[0] in args.sizes}
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "loadavg_start": os.getloadavg(),
                      "args": {k: str(v) for k, v in vars(args).items()}, "cold_start_s": {}, "cells": []}
 
@@ -200,7 +243,7 @@ def main() -> None:
                     order = list(servers)[r % len(servers):] + list(servers)[:r % len(servers)]
                     for kind in order:
                         s = servers[kind]
-                        reqs = [request_bytes(s.port, b, ct) for b, ct in bodies]
+                        reqs = [request_bytes(s.port, *r) for r in bodies["bare" if kind == "bare" else "service"]]
                         load(s.port, reqs[:2], 1, 0.3)  # warm-up: connection, first ORT run
                         samples, wall = load(s.port, reqs, c, args.seconds)
                         pooled[kind][0].extend(samples)
