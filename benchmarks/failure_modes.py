@@ -12,7 +12,6 @@ case negates λ_p inside the loop to show what the bug looks like in someone's o
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys

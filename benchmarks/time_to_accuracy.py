@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_throughput import BATCH, CNNModel, PngItems, reference_datasets  # noqa: E402
+from train_throughput import BATCH, PngItems, reference_datasets, reference_steps  # noqa: E402
 
 from service.preprocess import InputSpec  # noqa: E402
 from train.data import load  # noqa: E402
@@ -78,7 +77,7 @@ def ours(data_dir: str, target: float, eval_every: int, threads: int, seed: int)
     return {"curve": curve, "reached": done}
 
 
-def reference_eval(net: nn.Module, test: PngItems, threads: int) -> float:
+def reference_eval(net: nn.Module, test: PngItems) -> float:
     """fungtion/DANN's test.py: eval mode, α = 0, batch 128, accuracy of the class head."""
     net.eval()
     correct = 0
@@ -92,52 +91,25 @@ def reference_eval(net: nn.Module, test: PngItems, threads: int) -> float:
 
 def reference(data_dir: str, target: float, eval_every: int, threads: int, budget_s: float, seed: int,
               workers: int = 8) -> dict:
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    """fungtion/DANN's loop (train_throughput.reference_steps) until ``target`` or ``budget_s`` of training."""
     source, target_train = reference_datasets(data_dir)
     mm_test = load("mnist_m:test", InputSpec(32, 32, 3), data_root=data_dir)
     test = PngItems(mm_test.images, mm_test.labels, transforms.Compose([
         transforms.Resize(28), transforms.ToTensor(), transforms.Normalize(mean=(0.5,) * 3, std=(0.5,) * 3)]))
-    loaders = [DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True)
-               for ds in (source, target_train)]
-    net = CNNModel()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss_class, loss_domain = nn.NLLLoss(), nn.NLLLoss()
-    n_epoch, len_dataloader = 100, min(len(d) for d in loaders)
-    curve, step, train_s, done = [], 0, 0.0, None
-    net.train()
-    while done is None and train_s < budget_s:
+    curve, train_s, done = [], 0.0, None
+    t0 = time.perf_counter()
+    for step, net in reference_steps(source, target_train, threads, workers, seed):
+        if step % eval_every:
+            continue
+        train_s += time.perf_counter() - t0
+        acc = reference_eval(net, test)
+        curve.append({"step": step, "acc": acc, "train_s": train_s})
+        print(f"reference step {step:6d}  {train_s:7.0f} s  target {acc:.1%}", flush=True)
+        if acc >= target:
+            done = curve[-1]
+        if done is not None or train_s >= budget_s:
+            break
         t0 = time.perf_counter()
-        source_iter, target_iter = iter(loaders[0]), iter(loaders[1])
-        for _ in range(len_dataloader):
-            p = step / n_epoch / len_dataloader
-            alpha = 2.0 / (1.0 + np.exp(-10 * p)) - 1
-            s_img, s_label = next(source_iter)
-            net.zero_grad()
-            input_img = torch.FloatTensor(BATCH, 3, 28, 28).resize_as_(s_img).copy_(s_img)
-            class_output, domain_output = net(input_img, alpha)
-            err_s_label = loss_class(class_output, s_label)
-            err_s_domain = loss_domain(domain_output, torch.zeros(len(s_label), dtype=torch.long))
-            t_img, _ = next(target_iter)
-            input_img = torch.FloatTensor(BATCH, 3, 28, 28).resize_as_(t_img).copy_(t_img)
-            _, domain_output = net(input_img, alpha)
-            err = loss_domain(domain_output, torch.ones(len(t_img), dtype=torch.long)) + err_s_domain + err_s_label
-            err.backward()
-            optimizer.step()
-            step += 1
-            if step % eval_every == 0:
-                train_s += time.perf_counter() - t0
-                acc = reference_eval(net, test, threads)
-                curve.append({"step": step, "acc": acc, "train_s": train_s})
-                print(f"reference step {step:6d}  {train_s:7.0f} s  target {acc:.1%}", flush=True)
-                if acc >= target:
-                    done = curve[-1]
-                if done is not None or train_s >= budget_s:
-                    break
-                t0 = time.perf_counter()
-        else:
-            train_s += time.perf_counter() - t0
-        del source_iter, target_iter
     return {"curve": curve, "reached": done}
 
 

@@ -130,10 +130,11 @@ def reference_datasets(data_dir: str) -> tuple[Dataset, Dataset]:
             PngItems(mnist_m.images, mnist_m.labels, tf_target))
 
 
-def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, threads: int, workers: int) -> float:
-    """fungtion/DANN's train/main.py loop on the CPU; images/s over the steps after ``warmup``."""
+def reference_steps(source: Dataset, target: Dataset, threads: int, workers: int, seed: int = 0):
+    """fungtion/DANN's train/main.py loop on the CPU, one step per ``next()``: yields (step, net) after each
+    optimizer step, epoch after epoch (its λ schedule runs over 100 epochs)."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     loaders = [DataLoader(ds, batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True)
                for ds in (source, target)]
     net = CNNModel()
@@ -141,10 +142,10 @@ def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, thr
     loss_class, loss_domain = nn.NLLLoss(), nn.NLLLoss()
     n_epoch, len_dataloader = 100, min(len(d) for d in loaders)
     net.train()
-    done, t0 = 0, time.perf_counter()
-    while done < warmup + steps:  # one pass of this loop = one epoch of the original
+    done = 0
+    while True:  # one pass of this loop = one epoch of the original
         source_iter, target_iter = iter(loaders[0]), iter(loaders[1])
-        for _ in range(min(len_dataloader, warmup + steps - done)):
+        for _ in range(len_dataloader):
             p = done / n_epoch / len_dataloader
             alpha = 2.0 / (1.0 + np.exp(-10 * p)) - 1
             s_img, s_label = next(source_iter)
@@ -162,9 +163,18 @@ def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, thr
             optimizer.step()
             _ = (err_s_label.item(), err_s_domain.item(), err_t_domain.item())  # its per-step print, unprinted
             done += 1
-            if done == warmup:
-                t0 = time.perf_counter()
+            yield done, net
         del source_iter, target_iter  # stop this epoch's workers
+
+
+def reference_run(source: Dataset, target: Dataset, steps: int, warmup: int, threads: int, workers: int) -> float:
+    """fungtion/DANN's train/main.py loop on the CPU; images/s over the steps after ``warmup``."""
+    t0 = time.perf_counter()
+    for done, _ in reference_steps(source, target, threads, workers):
+        if done == warmup:
+            t0 = time.perf_counter()
+        if done == warmup + steps:
+            break
     return 2 * BATCH * steps / (time.perf_counter() - t0)
 
 
