@@ -252,6 +252,41 @@ def test_bentoml_clients_call_the_typed_apis(servers, images, model):
         assert keyed.predict(images=x)["class_indices"] == expected.predictions.tolist()
 
 
+DEPENDENT_APP = """
+import os
+
+import bentoml
+import numpy as np
+
+
+@bentoml.service
+class Caller:
+    adapt = bentoml.depends(url=os.environ["ADAPT_URL"])
+
+    @bentoml.api
+    def run(self, images: np.ndarray) -> dict:
+        return self.adapt.to_sync.predict(images=images)
+"""
+
+
+def test_another_bentoml_service_depends_on_it(servers, images, model, tmp_path):
+    import bentoml
+
+    (tmp_path / "caller.py").write_text(DEPENDENT_APP)
+    url = servers["servers"][0].url
+    caller = Server("unused", tmp_path / "caller.log", ADAPT_URL=url,
+                    argv=[sys.executable, "-m", "bentoml", "serve", "caller:Caller", "--working-dir", str(tmp_path),
+                          "--host", "127.0.0.1", "--port", "{port}"])
+    try:
+        caller.wait_ready()
+        x = images["target"][:3]
+        with bentoml.SyncHTTPClient(caller.url) as client:
+            out = client.run(images=x)
+        assert out["class_indices"] == model["runtime"].predict(x).predictions.tolist() and out["model"] == model["tag"]
+    finally:
+        caller.stop()
+
+
 class tempfile_pngs:
     """PNG files of ``images`` in a temporary folder, as a list of paths (context manager)."""
 
