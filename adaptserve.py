@@ -14,7 +14,8 @@ from dataclasses import fields
 from pathlib import Path
 
 DATA_HELP = ("dataset specs: mnist, mnist_m, usps, svhn (optionally :train/:test; files under --data-dir or "
-             "$ADAPTSERVE_DATA), demo-source, demo-target (embedded, no files), folder:PATH (class "
+             "$ADAPTSERVE_DATA), syn (rendered digits, made once and cached), demo-source, demo-target "
+             "(embedded, no files), folder:PATH (class "
              "sub-folders = labelled), npz:PATH (arrays images, labels)")
 
 

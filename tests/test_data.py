@@ -171,3 +171,38 @@ def test_holdout_keeps_copies_of_one_digit_together():
     assert set(ds.groups[train_idx]).isdisjoint(ds.groups[held])  # no held-out image is a copy of a training one
     assert 0.08 < len(held) / len(ds) < 0.12
     assert np.array_equal(holdout_split(50, 0.2)[1], holdout_split(50, 0.2, groups=np.arange(50))[1])
+
+
+def test_syn_rendered_digits_are_deterministic_balanced_and_legible(tmp_path):
+    """train.syn: the same seed gives the same pixels; every class; the digit stands out from its background."""
+    from train import syn
+
+    patches = syn.bsds500_patches(tmp_path)  # no bsds500 here → flat and gradient backgrounds
+    assert patches is None
+    a, la = syn.render(60, seed=7)
+    b, lb = syn.render(60, seed=7)
+    c, _ = syn.render(60, seed=8)
+    assert a.shape == (60, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and np.array_equal(la, lb)
+    assert not np.array_equal(a, c)
+    assert np.bincount(la, minlength=10).tolist() == [6] * 10
+    spread = a.reshape(60, -1, 3).astype(float).std(1).max(1)
+    assert (spread > 10).all(), spread  # never a blank image: the ink differs from the background
+    assert len(syn.font_paths()) >= 10
+
+
+@pytest.mark.slow
+def test_syn_spec_loads_both_splits_with_bsds500_backgrounds_and_caches_them(tmp_path, monkeypatch):
+    from train import syn
+    from train.data import load
+
+    monkeypatch.setenv("ADAPTSERVE_CACHE", str(tmp_path))
+    monkeypatch.setattr(syn, "SPLITS", {"train": (300, 1), "test": (100, 2)})  # the real sizes: 25k / 9k
+    data = os.environ.get("ADAPTSERVE_DATA")
+    train = load("syn", InputSpec(32, 32, 3), data_root=data)
+    test = load("syn:test", InputSpec(28, 28, 3), data_root=data)
+    assert len(train) == 300 and len(test) == 100 and set(train.labels.tolist()) == set(range(10))
+    assert test.images.shape[1:] == (28, 28, 3)
+    kind = "bsds500" if data and (Path(data) / "bsds500" / "bsds500_train.tar").is_file() else "plain"
+    assert (tmp_path / f"syn-v{syn.VERSION}-train-{kind}.npz").is_file()
+    again = load("syn", InputSpec(32, 32, 3), data_root=data)  # from the cache, the same images
+    assert np.array_equal(again.images, train.images)

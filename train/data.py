@@ -7,6 +7,7 @@ Specs (accepted by ``--source``, ``--target``, ``--eval``, ``--reference``):
 ``mnist_m[:split]``    ``DATA/mnist_m/mnist_m_{train,test}_{images.npy.xz,labels.npy}``
 ``usps[:split]``       ``DATA/usps/usps.h5`` (``train/data``, ``train/target``, ...)
 ``svhn[:split]``       ``DATA/svhn/{train,test}_32x32.mat``
+``syn[:split]``        rendered SynDigits-style digits (:mod:`train.syn`; BSDS500 backgrounds from DATA if there)
 ``demo-source[:split]`` embedded: scikit-learn's 8×8 digits, upscaled, grey (no files)
 ``demo-target[:split]`` embedded: the same digits blended MNIST-M-style with colour textures
 ``folder:PATH``        class sub-folders (labelled, ImageFolder layout) or any folder of images
@@ -34,7 +35,7 @@ import numpy as np
 from service.preprocess import ImageError, InputSpec, decode_image, to_input_spec
 
 COPIES = 6  # demo: random affine copies per digit (kept together: one holdout group each)
-NAMED = ("mnist", "mnist_m", "usps", "svhn", "demo-source", "demo-target")
+NAMED = ("mnist", "mnist_m", "usps", "svhn", "syn", "demo-source", "demo-target")
 DIGITS = [str(i) for i in range(10)]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -101,6 +102,9 @@ def load(spec: str, input_spec: InputSpec, *, default_split: str = "train",
         images, labels = demo_domain(kind.split("-")[1], arg)
         names = DIGITS
         groups = np.arange(len(images)) // COPIES  # demo_domain keeps the copies of a digit together
+    elif kind == "syn":
+        images, labels = syn_domain(arg, data_root)
+        names = DIGITS
     elif kind == "folder":
         images, labels, names = _load_folder(Path(arg).expanduser(), input_spec, classes, labels_optional)
     elif kind == "npz":
@@ -192,6 +196,28 @@ def _load_npy_xz(path: Path) -> np.ndarray:
         os.replace(tmp, cached)
         return arr
     return np.load(cached, mmap_mode="r")
+
+
+def syn_domain(split: str, data_root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The ``syn`` split, rendered once (≈ 1 min for both) and cached; with BSDS500 backgrounds when the
+    data directory has ``bsds500/bsds500_train.tar``, else flat and gradient backgrounds only."""
+    from train import syn
+
+    try:
+        root = data_dir(data_root)
+    except DataError:
+        root = None
+    patches = syn.bsds500_patches(root)
+    n, seed = syn.SPLITS[split]
+    cached = _cache_dir() / f"syn-v{syn.VERSION}-{split}-{'bsds500' if patches is not None else 'plain'}.npz"
+    if cached.exists():
+        with np.load(cached) as z:
+            return z["images"], z["labels"]
+    images, labels = syn.render(n, seed, patches)
+    tmp = cached.with_name(f"{cached.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, images=images, labels=labels)
+    os.replace(tmp, cached)
+    return images, labels
 
 
 def _mnist_m(root: Path, split: str):
