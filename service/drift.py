@@ -297,12 +297,15 @@ class DriftReference:
         mean, components = self._pca32
         return (np.asarray(features, np.float32) - mean) @ components
 
-    def mmd2(self, features: np.ndarray) -> float:
+    def mmd2(self, features: np.ndarray, projected: bool = False) -> float:
+        """MMD² of a window's features (N, D) — or of features already projected (N, k) — and the reference."""
         if self.mmd_yy is None:
             self.mmd_yy = offdiag_mean(rbf_kernel(self.projections, self.projections, self.bandwidth))
-        return mmd2_unbiased(self.project(features), self.projections, self.bandwidth, self.mmd_yy)
+        x = np.asarray(features, np.float32) if projected else self.project(features)
+        return mmd2_unbiased(x, self.projections, self.bandwidth, self.mmd_yy)
 
-    def check(self, p_target: np.ndarray, probabilities: np.ndarray, features: np.ndarray) -> dict:
+    def check(self, p_target: np.ndarray, probabilities: np.ndarray, features: np.ndarray,
+              projected: bool = False) -> dict:
         """Run the three tests on one window of exactly ``W`` images; returns per-test results and ``drift``.
 
         Each entry has ``statistic``, ``p_value``, ``threshold`` and ``alarm`` (KS: p < its calibrated level
@@ -315,14 +318,14 @@ class DriftReference:
         if n != self.window:
             raise ValueError(f"the thresholds are calibrated for windows of {self.window} images, got {n}")
         with one_blas_thread():
-            return self._check(p_target, probabilities, features)
+            return self._check(p_target, probabilities, features, projected)
 
-    def _check(self, p_target, probabilities, features) -> dict:
+    def _check(self, p_target, probabilities, features, projected: bool = False) -> dict:
         stats, pvals = ks_columns(self._ks_sorted, np.column_stack([np.asarray(p_target, np.float64),
                                                                     np.asarray(probabilities, np.float64)]))
         d_stat, d_p = float(stats[0]), float(pvals[0])
         c_stats, c_p, c_bonf = stats[1:], pvals[1:], bonferroni(pvals[1:])
-        m = self.mmd2(features)
+        m = self.mmd2(features, projected)
         t_d = self.alpha_per_test if self.ks_p_threshold_discriminator is None else self.ks_p_threshold_discriminator
         t_c = self.alpha_per_test if self.ks_p_threshold_softmax is None else self.ks_p_threshold_softmax
         out = {

@@ -71,32 +71,54 @@ class Source:
     shape: tuple | None = None     # arrays: (H, W[, C]) of every image
 
 
-def _folder(root: Path, classes: list[str], batch_size: int, max_pixels: int) -> Source:
+def list_folder(root: Path, classes: list[str]) -> tuple[list[Path], list[int] | None]:
+    """The image files below ``root`` (sorted) and their class indices when the folder is labelled (its top
+    level holds only sub-folders named after classes), else None."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ScoreError(f"folder {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     subdirs = [p.name for p in root.iterdir() if p.is_dir()]
     top_files = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     labelled = bool(subdirs) and not top_files and set(subdirs) <= set(classes)
+    return files, [classes.index(p.relative_to(root).parts[0]) for p in files] if labelled else None
+
+
+def decode_files(datas, max_pixels: int) -> tuple[list, list]:
+    """Image file bytes (or an exception met reading them) → (decoded images or None, error or None)."""
+    images, errors = [], []
+    for data in datas:
+        try:
+            if isinstance(data, Exception):
+                raise data
+            images.append(decode_image(data, max_pixels))
+            errors.append(None)
+        except (ImageError, OSError) as e:
+            images.append(None)
+            errors.append(str(e))
+    return images, errors
+
+
+def _read(path: Path):
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        return e
+
+
+def _folder(root: Path, classes: list[str], batch_size: int, max_pixels: int) -> Source:
+    files, labels = list_folder(root, classes)
 
     def gen():
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
-            images, errors = [], []
-            for path in chunk:
-                try:
-                    images.append(decode_image(path.read_bytes(), max_pixels))
-                    errors.append(None)
-                except (ImageError, OSError) as e:
-                    images.append(None)
-                    errors.append(str(e))
-            labels = [classes.index(p.relative_to(root).parts[0]) for p in chunk] if labelled else None
-            yield Batch([str(p) for p in chunk], images, errors, labels)
+            images, errors = decode_files([_read(p) for p in chunk], max_pixels)
+            yield Batch([str(p) for p in chunk], images, errors, labels[i:i + batch_size] if labels else None)
 
-    return Source("folder", len(files), labelled, gen())
+    return Source("folder", len(files), labels is not None, gen())
 
 
-def _arrays(path: Path, batch_size: int) -> Source:
+def open_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """(images, labels or None) of a ``.npy`` (memory-mapped) or ``.npz`` file; ScoreError naming the problem."""
     try:
         if path.suffix.lower() == ".npy":
             images, labels = np.load(path, mmap_mode="r", allow_pickle=False), None
@@ -118,6 +140,11 @@ def _arrays(path: Path, batch_size: int) -> Source:
         if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
             raise ScoreError(f"{path}: 'labels' must be {len(images)} integer class indices, "
                              f"got shape {labels.shape} dtype {labels.dtype}")
+    return images, labels
+
+
+def _arrays(path: Path, batch_size: int) -> Source:
+    images, labels = open_arrays(path)
 
     def gen():
         for i in range(0, len(images), batch_size):
@@ -219,8 +246,8 @@ class WindowDrift:
 
     MAX_PENDING = 4
 
-    def __init__(self, ref):
-        self.ref, self.window = ref, ref.window
+    def __init__(self, ref, projected: bool = False):
+        self.ref, self.window, self.projected = ref, ref.window, projected
         self._buffer, self._start = WindowBuffer(ref.window), 0
         self._pending: deque = deque()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adaptserve-drift")
@@ -228,7 +255,7 @@ class WindowDrift:
 
     def add(self, p_target, probabilities, features) -> None:
         for window in self._buffer.add(p_target, probabilities, features):
-            future = self._pool.submit(self.ref.check, *window)
+            future = self._pool.submit(self.ref.check, *window, projected=self.projected)
             self._pending.append((self._start, future))
             self._start += self.window
             while len(self._pending) > self.MAX_PENDING:
@@ -297,6 +324,61 @@ def _prepare(model, images: list | np.ndarray) -> tuple[np.ndarray | None, list[
     return (np.stack(out) if out else None), errors
 
 
+def score_batch(model, batch: Batch, drift: bool) -> tuple[dict, object]:
+    """One batch → its output columns (``id``, ``label``, ``class_index``, ``confidence``, ``error`` and, when
+    labelled, ``true_label``) and the model's Prediction of its readable items (None if none is readable)."""
+    classes = model.classes
+    stacked, prep_errors = _prepare(model, batch.images)
+    pred = model.predict(stacked, discriminator=drift) if stacked is not None else None
+    errors = [e or p for e, p in zip(batch.errors, prep_errors)]
+    ok = [e is None for e in errors]
+    # the readable items' predictions, spread back over all items (None where unreadable)
+    index = pred.predictions.tolist() if pred is not None else []
+    conf = iter(pred.probabilities[np.arange(len(index)), index].tolist() if pred is not None else [])
+    index = iter(index)
+    class_index = [next(index) if good else None for good in ok]
+    cols = {"id": batch.ids, "label": [None if c is None else classes[c] for c in class_index],
+            "class_index": class_index, "confidence": [next(conf) if good else None for good in ok], "error": errors}
+    if batch.labels is not None:
+        cols["true_label"] = [classes[t] if t is not None and 0 <= t < len(classes) else None for t in batch.labels]
+    return cols, pred
+
+
+class Tally:
+    """Counts over the written rows: scored, errors, and accuracy where labelled."""
+
+    def __init__(self):
+        self.ok = self.errors = self.correct = self.labelled = 0
+
+    def add(self, cols: dict, labels: list | None) -> None:
+        n_ok = sum(c is not None for c in cols["class_index"])
+        self.ok += n_ok
+        self.errors += len(cols["class_index"]) - n_ok
+        if labels is not None:
+            known = [(c, t) for c, t in zip(cols["class_index"], labels) if c is not None and t is not None]
+            self.labelled += len(known)
+            self.correct += sum(c == t for c, t in known)
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+def default_max_pixels() -> int:
+    raw = os.environ.get("ADAPTSERVE_MAX_PIXELS", "").strip()
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_PIXELS
+
+
+def check_out(out, batch_size: int) -> Path:
+    if batch_size < 1:
+        raise ScoreError("--batch-size must be at least 1")
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise ScoreError(f"--out {out}: the suffix must be one of {', '.join(FORMATS)}")
+    check_out_parent(out)
+    return out
+
+
 def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, progress: bool = True,
           device: str = "cpu", threads: int = 0, model=None, drift: bool = True,
           max_pixels: int | None = None) -> dict:
@@ -309,62 +391,53 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     data, like a folder of images); the conversion is said once on stderr and in the drift report."""
     from service.runtime import Model
 
-    if batch_size < 1:
-        raise ScoreError("--batch-size must be at least 1")
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise ScoreError(f"--out {out}: the suffix must be one of {', '.join(FORMATS)}")
-    check_out_parent(out)
+    out = check_out(out, batch_size)
     t0 = time.perf_counter()
     model = model or Model.open(model_source, device=device, threads=threads)
-    tag = model.tag or str(Path(model_source))
-    classes = model.classes
-    if max_pixels is None:
-        raw = os.environ.get("ADAPTSERVE_MAX_PIXELS", "").strip()
-        max_pixels = int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_MAX_PIXELS
-    source = open_input(input_path, classes, batch_size, max_pixels)
+    source = open_input(input_path, model.classes, batch_size, max_pixels or default_max_pixels())
     conversion = describe_conversion(source.shape, model.input_spec) if source.shape else None
-    if conversion:
-        print(f"{input_path}: images converted to the model's input, {conversion}", file=sys.stderr)
-    id_col = "path" if source.kind == "folder" else "index"
-    columns = [id_col, "label", "class_index", "confidence"] + (["true_label"] if source.labelled else []) + ["error"]
-    writer = Writer(out, columns)
-    monitor = WindowDrift(model.drift_reference) if drift else None
-    n_ok = n_err = n_correct = n_labelled = 0
+
+    def results():
+        for batch in source.batches:
+            cols, pred = score_batch(model, batch, drift)
+            outputs = (pred.p_target, pred.probabilities, pred.features) if pred is not None and drift else None
+            yield cols, batch.labels, outputs
+
+    return write_results(results(), out, tag=model.tag or str(Path(model_source)), input_path=input_path,
+                         kind=source.kind, labelled=source.labelled, n_items=source.n,
+                         reference=model.drift_reference if drift else None, conversion=conversion,
+                         progress=progress, t0=t0)
+
+
+def write_results(results, out: Path, *, tag: str, input_path, kind: str, labelled: bool, n_items: int, reference,
+                  conversion: str | None, progress: bool, t0: float, projected: bool = False) -> dict:
+    """Write scored batches in order — ``(columns, true labels, (p_target, probabilities, features) or None)``
+    — to ``out`` and the drift report beside it; return the summary. The local scorer and the Ray engine both
+    end here, so their rows, windows and reports are built the same way. ``projected``: the features are
+    already PCA-projected (the Ray workers send k floats per image, not D)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=source.n, unit="img", desc="scoring", disable=not progress, file=sys.stderr)
+    if conversion:
+        print(f"{input_path}: images converted to the model's input, {conversion}", file=sys.stderr)
+    id_col = "path" if kind == "folder" else "index"
+    columns = [id_col, "label", "class_index", "confidence"] + (["true_label"] if labelled else []) + ["error"]
+    writer = Writer(out, columns)
+    monitor = WindowDrift(reference, projected=projected) if reference is not None else None
+    tally = Tally()
+    bar = tqdm(total=n_items, unit="img", desc="scoring", disable=not progress, file=sys.stderr)
     drift_path = out.with_name(out.name + ".drift.json")
     writing = out
     try:
-        for batch in source.batches:
-            stacked, prep_errors = _prepare(model, batch.images)
-            pred = model.predict(stacked, discriminator=drift) if stacked is not None else None
-            errors = [e or p for e, p in zip(batch.errors, prep_errors)]
-            ok = [e is None for e in errors]
-            # the readable items' predictions, spread back over all items (None where unreadable)
-            index = pred.predictions.tolist() if pred is not None else []
-            conf = iter(pred.probabilities[np.arange(len(index)), index].tolist() if pred is not None else [])
-            n_ok += len(index)
-            n_err += len(errors) - len(index)
-            index = iter(index)
-            class_index = [next(index) if good else None for good in ok]
-            cols = {id_col: batch.ids, "label": [None if c is None else classes[c] for c in class_index],
-                    "class_index": class_index, "confidence": [next(conf) if good else None for good in ok],
-                    "error": errors}
-            if source.labelled:
-                cols["true_label"] = [classes[t] if t is not None and 0 <= t < len(classes) else None
-                                      for t in batch.labels]
-                known = [(c, t) for c, t in zip(class_index, batch.labels) if c is not None and t is not None]
-                n_labelled += len(known)
-                n_correct += sum(c == t for c, t in known)
+        for cols, labels, outputs in results:
+            cols = {id_col if k == "id" else k: v for k, v in cols.items()}
             writer.write(cols)
-            if pred is not None and monitor is not None:
-                monitor.add(pred.p_target, pred.probabilities, pred.features)
-            bar.update(len(batch.ids))
+            tally.add(cols, labels)
+            if outputs is not None and monitor is not None:
+                monitor.add(*outputs)
+            bar.update(len(cols[id_col]))
         writer.close()
         if monitor is not None:
-            report, writing = {**monitor.report(tag, n_ok), "input_conversion": conversion}, drift_path
+            report, writing = {**monitor.report(tag, tally.ok), "input_conversion": conversion}, drift_path
             drift_path.write_text(json.dumps(report, indent=2))
         else:
             report = {"n_windows": None, "fraction_windows_alarmed": None}
@@ -385,7 +458,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     bar.close()
     return {"model": tag, "input": str(input_path), "out": str(out),
             "drift_report": str(drift_path) if monitor is not None else None,
-            "n_items": source.n, "n_scored": n_ok, "n_errors": n_err, "input_conversion": conversion,
-            "accuracy": (n_correct / n_labelled) if n_labelled else None, "n_labelled": n_labelled,
+            "n_items": n_items, "n_scored": tally.ok, "n_errors": tally.errors, "input_conversion": conversion,
+            "accuracy": tally.accuracy, "n_labelled": tally.labelled,
             "n_windows": report["n_windows"], "fraction_windows_alarmed": report["fraction_windows_alarmed"],
-            "seconds": time.perf_counter() - t0}
+            "whole_set_is_drift": (report.get("whole_set") or {}).get("is_drift"), "seconds": time.perf_counter() - t0}

@@ -201,7 +201,7 @@ class _FakeReference:
 
     tests = DriftReference.tests  # formats a check's result (uses alpha_per_test only)
 
-    def check(self, p_target, probabilities, features):
+    def check(self, p_target, probabilities, features, projected=False):
         if p_target[0] < 0:
             raise ValueError("check failed")
         alarm = bool(p_target[0] >= 6)
