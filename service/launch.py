@@ -9,6 +9,10 @@ of its own, so signalling the group reaches only the arbiter: :meth:`ServeProces
 (it stops its workers), then SIGKILL after ``grace`` seconds, and finally kills any process of the tree
 still alive; :meth:`ServeProcess.kill` SIGKILLs the whole tree at once (a crash). It always listens on
 127.0.0.1 at a free port. Torch-free.
+
+Each server gets a BENTOML_HOME of its own (beside its log) whose ``models`` and ``bentos`` link to the
+caller's store: ``bentoml serve`` empties ``$BENTOML_HOME/prometheus_multiproc_dir`` when it starts, so two
+servers sharing one home would wipe each other's ``/metrics``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def private_home(shared: str, home: Path) -> str:
+    """A BENTOML_HOME at ``home`` that shares ``shared``'s model and bento stores (``shared`` empty: ~/bentoml)."""
+    shared_home = Path(shared or Path.home() / "bentoml").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    for store in ("models", "bentos"):
+        (shared_home / store).mkdir(parents=True, exist_ok=True)
+        link = home / store
+        if not link.is_symlink():
+            link.symlink_to(shared_home / store, target_is_directory=True)
+    return str(home)
+
+
 class ServeProcess:
     """``bentoml serve service.service:AdaptService`` for model ``model`` (store tag or folder)."""
 
@@ -46,6 +62,8 @@ class ServeProcess:
         full_env = {**os.environ, "ADAPTSERVE_MODEL": str(model), "BENTOML_DO_NOT_TRACK": "True",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     **{k: str(v) for k, v in env.items()}}
+        full_env.setdefault("BENTOML_HOME", "")
+        full_env["BENTOML_HOME"] = private_home(full_env["BENTOML_HOME"], self.log.with_suffix(".bentoml"))
         if argv is None:
             bentoml_cli = Path(sys.executable).parent / "bentoml"
             argv = [str(bentoml_cli)] if bentoml_cli.exists() else [sys.executable, "-m", "bentoml"]
