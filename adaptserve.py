@@ -13,6 +13,15 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None/False or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 DATA_HELP = ("dataset specs: mnist, mnist_m, usps, svhn (optionally :train/:test; files under --data-dir or "
              "$ADAPTSERVE_DATA), syn (rendered digits, made once and cached), demo-source, demo-target "
              "(embedded, no files), folder:PATH (class "
@@ -138,7 +147,7 @@ def _add_export(sub) -> None:
                        description="Export a run's checkpoint to ONNX (classifier with in-graph preprocessing, "
                        "domain discriminator), check ONNX Runtime against PyTorch, compute the drift reference on "
                        "held-out target images, and save everything as BentoML model NAME:<version> "
-                       "($BENTOML_HOME). " + DATA_HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "($BENTOML_HOME). " + DATA_HELP, formatter_class=DefaultsHelp)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory (or a checkpoint file)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--name", help="BentoML model name (default adaptserve-<method>); made tag-safe")
@@ -176,9 +185,10 @@ def _add_score(sub) -> None:
                        description="Classify a folder of images (recursive), a .npy or a .npz (images, optional "
                        "labels) with an exported model; write one row per item to FILE (.csv, .jsonl or .parquet) "
                        "and the drift tests over consecutive windows of W images to FILE.drift.json. Unreadable "
-                       "files get an error row and are skipped.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "files get an error row and are skipped.", formatter_class=DefaultsHelp)
     p.add_argument("model", metavar="MODEL", help="BentoML store tag (name[:version]) or exported model folder")
-    p.add_argument("input", type=Path, metavar="INPUT", help="folder of images, .npy or .npz")
+    p.add_argument("input", metavar="INPUT", help="folder of images, .npy or .npz (with --engine ray also a parquet "
+                   "dataset: a path or a URI such as s3://bucket/images.parquet)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file: .csv, .jsonl or .parquet")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
@@ -189,13 +199,30 @@ def _add_score(sub) -> None:
                    help="an image file with more pixels (read from its header) is an error row, not decoded "
                         "(default: $ADAPTSERVE_MAX_PIXELS or 4096×4096)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: Ray Data actors, on this machine or a cluster "
+                        "(pip install 'adaptserve[ray]'); INPUT may then also be a parquet dataset of image bytes "
+                        "at a path or URI (s3://, gs://, ...)")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: auto or ray://HOST:10001 (default: $RAY_ADDRESS, else a Ray started for "
+                        "this run on this machine)")
+    p.add_argument("--workers", type=int, default=2, help="with --engine ray: scoring actors (default 2)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="with --engine ray: GPUs per actor (ONNX Runtime's CUDA provider); 0 = CPU")
 
 
 def cmd_score(args) -> int:
-    from service.score import score
+    if args.engine == "ray":
+        from service.score_ray import score_ray
 
-    s = score(args.model, args.input, args.out, batch_size=args.batch_size, progress=not args.no_progress,
-              device=args.device, threads=args.threads, drift=not args.no_drift, max_pixels=args.max_pixels)
+        s = score_ray(args.model, args.input, args.out, address=args.address, workers=args.workers,
+                      batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+                      progress=not args.no_progress, drift=not args.no_drift, max_pixels=args.max_pixels)
+    else:
+        from service.score import score
+
+        s = score(args.model, Path(args.input), args.out, batch_size=args.batch_size, progress=not args.no_progress,
+                  device=args.device, threads=args.threads, drift=not args.no_drift, max_pixels=args.max_pixels)
     if s["n_errors"]:
         print(f"{s['n_errors']} of {s['n_items']} items could not be read and were skipped (see the error column "
               f"of {s['out']})", file=sys.stderr)
@@ -203,9 +230,10 @@ def cmd_score(args) -> int:
     if s["drift_report"] is None:
         print(f"scored {s['n_scored']} of {s['n_items']} items in {s['seconds']:.1f} s{acc}; no drift checks → {s['out']}")
         return 0
-    drift = (f"{s['n_windows']} drift windows, {s['fraction_windows_alarmed']:.0%} alarmed" if s["n_windows"]
-             else "no full drift window")
-    print(f"scored {s['n_scored']} of {s['n_items']} items in {s['seconds']:.1f} s{acc}; {drift} → {s['out']}, "
+    drift = (f"{s['n_windows']} drift windows, {s['fraction_windows_alarmed']:.0%} alarmed, whole set "
+             f"{'DRIFT' if s['whole_set_is_drift'] else 'ok'}" if s["n_windows"] else "no full drift window")
+    rate = f" ({s['n_items'] / s['seconds']:.0f} images/s)" if s["seconds"] > 0 else ""
+    print(f"scored {s['n_scored']} of {s['n_items']} items in {s['seconds']:.1f} s{rate}{acc}; {drift} → {s['out']}, "
           f"{s['drift_report']}")
     return 0
 
@@ -217,7 +245,7 @@ def _add_demo(sub) -> None:
                        description="Train source-only and DANN on the embedded demo pair, export the DANN model "
                        "to the BentoML store, batch-score the target test set, serve it on 127.0.0.1, send real "
                        "requests (predict, classify, drift) and print a summary table.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsHelp)
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="where runs, model files, scores and logs go")
     p.add_argument("--steps", type=int, default=DEMO_STEPS)
     p.add_argument("--seed", type=int, default=0)

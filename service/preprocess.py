@@ -192,6 +192,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         raise
     except Image.DecompressionBombError as e:  # Pillow's own limit, when max_pixels is None or above it
         raise ImageTooLarge(str(e)) from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:  # Pillow's message names the BytesIO object (a memory address): useless
+        raise ImageError("not a readable image (no image format recognised: PNG, JPEG, BMP, GIF, TIFF, WebP …)") from None
+    except (OSError, ValueError) as e:
         raise ImageError(f"not a readable image ({e.__class__.__name__}: {e})") from None
     return arr[..., None] if arr.ndim == 2 else arr

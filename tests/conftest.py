@@ -30,3 +30,31 @@ def pytest_configure(config):
     os.environ["BENTOML_HOME"] = home
     os.environ["BENTOML_DO_NOT_TRACK"] = "True"
     config.add_cleanup(lambda: shutil.rmtree(home, ignore_errors=True))
+
+
+_TINY: dict = {}
+
+
+def tiny_model(tmp_path_factory) -> dict:
+    """Train (40 steps) and export one model into the session's BENTOML_HOME and a folder; cached."""
+    if not _TINY:
+        from export import bundle
+        from train.config import TrainConfig
+        from train.loop import run
+
+        base = tmp_path_factory.mktemp("tiny-model")
+        # 30 % of the demo target's digits held out, as the demo does: 216 calibration digits → windows of 200
+        run(TrainConfig(steps=40, batch_size=32, eval_every=20, threads=1, tsne=False, target_holdout=0.3), base / "run",
+            progress=False)
+        tag, manifest = bundle.export(base / "run", name="test-serve", out=base / "model", n_bootstrap=200)
+        _TINY.update(tag=tag, folder=base / "model", manifest=manifest, base=base)
+    return _TINY
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """The tiny model of ``tiny_model`` and its ONNX runtime (the service, scorer and Ray tests)."""
+    from service.runtime import Model
+
+    tiny = tiny_model(tmp_path_factory)
+    return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}

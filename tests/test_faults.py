@@ -29,7 +29,8 @@ import httpx
 import numpy as np
 import pytest
 
-from test_service import ROOT, Server, npy, tiny_model
+from conftest import tiny_model
+from test_service import ROOT, Server, npy
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 IS_ROOT = os.geteuid() == 0

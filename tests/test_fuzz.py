@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_service import Server, tiny_model
+from conftest import tiny_model
+from test_service import Server
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 FUZZ_EXAMPLES = int(os.environ.get("ADAPTSERVE_FUZZ_EXAMPLES", "50"))

@@ -12,17 +12,8 @@ import pytest
 from PIL import Image
 
 import adaptserve
-from test_service import tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from service.runtime import Model
-
-    tiny = tiny_model(tmp_path_factory)
-    return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The BentoML service end to end: a tiny real model in the test store, `bentoml serve` subprocesses, HTTP.
 
-One model is trained (40 steps) and exported once per session (``tiny_model``, shared with
+One model is trained (40 steps) and exported once per session (``tiny_model`` of conftest.py, shared with
 tests/test_score.py); two servers start side by side — one open, one with an API key — and are always
 killed at teardown. Test order matters for the drift test, which runs first against a fresh server.
 """
@@ -24,34 +24,7 @@ KEY = "s3cret-test-key"
 MAX_IMAGES, MAX_BYTES = 512, 4 << 20
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-_TINY: dict = {}
-
-
-def tiny_model(tmp_path_factory) -> dict:
-    """Train (40 steps) and export one model into the session's BENTOML_HOME and a folder; cached."""
-    if not _TINY:
-        from export import bundle
-        from train.config import TrainConfig
-        from train.loop import run
-
-        base = tmp_path_factory.mktemp("tiny-model")
-        # 30 % of the demo target's digits held out, as the demo does: 216 calibration digits → windows of 200
-        run(TrainConfig(steps=40, batch_size=32, eval_every=20, threads=1, tsne=False, target_holdout=0.3), base / "run",
-            progress=False)
-        tag, manifest = bundle.export(base / "run", name="test-serve", out=base / "model", n_bootstrap=200)
-        _TINY.update(tag=tag, folder=base / "model", manifest=manifest, base=base)
-    return _TINY
-
-
 from service.launch import ServeProcess as Server  # noqa: E402  (bentoml serve on 127.0.0.1, its own process group)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from service.runtime import Model
-
-    tiny = tiny_model(tmp_path_factory)
-    return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
 
 
 @pytest.fixture(scope="module")
