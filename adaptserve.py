@@ -189,7 +189,9 @@ def _add_score(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="BentoML store tag (name[:version]) or exported model folder")
     p.add_argument("input", metavar="INPUT", help="folder of images, .npy or .npz (with --engine ray also a parquet "
                    "dataset: a path or a URI such as s3://bucket/images.parquet)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="output file: .csv, .jsonl or .parquet")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT",
+                   help="output file: .csv, .jsonl or .parquet; without a suffix a parquet dataset folder "
+                        "(one file per batch)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")

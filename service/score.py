@@ -98,7 +98,8 @@ def decode_files(datas, max_pixels: int) -> tuple[list, list]:
     return images, errors
 
 
-def _read(path: Path):
+def read_file(path: Path):
+    """The file's bytes, or the OSError met reading it (for :func:`decode_files`)."""
     try:
         return path.read_bytes()
     except OSError as e:
@@ -111,7 +112,7 @@ def _folder(root: Path, classes: list[str], batch_size: int, max_pixels: int) ->
     def gen():
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
-            images, errors = decode_files([_read(p) for p in chunk], max_pixels)
+            images, errors = decode_files([read_file(p) for p in chunk], max_pixels)
             yield Batch([str(p) for p in chunk], images, errors, labels[i:i + batch_size] if labels else None)
 
     return Source("folder", len(files), labels is not None, gen())
@@ -180,12 +181,19 @@ def check_out_parent(out: Path) -> None:
         raise ScoreError(f"--out {out}: no permission to write in {parent}")
 
 
+def is_dataset(out: Path) -> bool:
+    """``--out`` without a suffix names a parquet dataset: a folder with one ``part-NNNNN.parquet`` per batch."""
+    return Path(out).suffix == ""
+
+
 class Writer:
-    """Rows to .csv / .jsonl / .parquet (by suffix), written batch by batch."""
+    """Rows to .csv / .jsonl / .parquet (by suffix), or to a parquet dataset folder (no suffix; one file per
+    batch, each written to a temporary name and renamed), written batch by batch."""
 
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
-        self.suffix = path.suffix.lower()
+        self.suffix = ".parquet" if is_dataset(path) else path.suffix.lower()
+        self.parts = 0 if is_dataset(path) else None
         if self.suffix not in FORMATS:
             raise ScoreError(f"--out {path}: the suffix must be one of {', '.join(FORMATS)}")
         if self.suffix == ".parquet":
@@ -195,7 +203,7 @@ class Writer:
             except ImportError:
                 raise ScoreError("--out .parquet needs the pyarrow package (pip install pyarrow); "
                                  "use .csv or .jsonl instead") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
+        (path if self.parts is not None else path.parent).mkdir(parents=True, exist_ok=True)
         self._pq = None
         if self.suffix == ".parquet":
             self._f = None
@@ -220,6 +228,13 @@ class Writer:
                      "confidence": pa.float64(), "true_label": pa.string(), "error": pa.string()}
             schema = pa.schema([(c, types[c]) for c in self.columns])
             table = pa.Table.from_pydict({c: cols[c] for c in self.columns}, schema=schema)
+            if self.parts is not None:
+                part = self.path / f"part-{self.parts:05d}.parquet"
+                tmp = part.with_name(f"_{part.name}.tmp")  # readers skip names that start with _
+                pq.write_table(table, str(tmp))
+                os.replace(tmp, part)
+                self.parts += 1
+                return
             if self._pq is None:
                 self._pq = pq.ParquetWriter(str(self.path), schema)
             self._pq.write_table(table)
@@ -229,9 +244,10 @@ class Writer:
             self._f.close()
         if self._pq is not None:
             self._pq.close()
-        elif self.suffix == ".parquet":  # no rows at all: still write an empty file with the schema
+        elif self.suffix == ".parquet" and not self.parts:  # no rows at all: an empty file / part with the schema
             self.write({c: [] for c in self.columns})
-            self._pq.close()
+            if self._pq is not None:
+                self._pq.close()
 
 
 # ---------------------------------------------------------------- drift windows
@@ -373,8 +389,12 @@ def check_out(out, batch_size: int) -> Path:
     if batch_size < 1:
         raise ScoreError("--batch-size must be at least 1")
     out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise ScoreError(f"--out {out}: the suffix must be one of {', '.join(FORMATS)}")
+    if is_dataset(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ScoreError(f"--out {out}: a parquet dataset folder must be new or empty (it holds files)")
+    elif out.suffix.lower() not in FORMATS:
+        raise ScoreError(f"--out {out}: the suffix must be one of {', '.join(FORMATS)} (or none: a parquet "
+                         "dataset folder, one file per batch)")
     check_out_parent(out)
     return out
 
@@ -450,7 +470,12 @@ def write_results(results, out: Path, *, tag: str, input_path, kind: str, labell
             writer.close()
         except OSError:
             pass
-        out.unlink(missing_ok=True)
+        if writer.parts is not None:
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)  # the folder was new or empty (check_out)
+        else:
+            out.unlink(missing_ok=True)
         drift_path.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:  # a failed write() names no file: name it
             raise OSError(e.errno, f"cannot write {writing}: {e.strerror}") from None

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from service.score import (Batch, ScoreError, check_out, decode_files, default_max_pixels, describe_conversion,
-                           list_folder, open_arrays, score_batch, write_results)
+                           list_folder, open_arrays, read_file, score_batch, write_results)
 
 CRASH_ONCE = "ADAPTSERVE_RAY_CRASH_ONCE"  # fault injection for the tests: a path; the first actor batch dies
 
@@ -62,7 +62,7 @@ class Scorer:
         from service.runtime import Model
 
         self.dir = tempfile.TemporaryDirectory(prefix="adaptserve-actor-")
-        files = ray.get(files_ref[0]) if isinstance(files_ref, list) else files_ref
+        files = ray.get(files_ref[0])  # wrapped in a list: Ray passes the ref itself, not its value
         for name, data in files.items():
             (Path(self.dir.name) / name).write_bytes(data)
         self.model = Model.open(self.dir.name, device=device, threads=threads)  # IntegrityError if not the same
@@ -79,13 +79,8 @@ class Scorer:
             return Batch(idx.tolist(), np.asarray(images[idx]), [None] * len(idx),
                          labels[idx].tolist() if labels is not None else None)
         if self.kind == "folder":
-            datas = []
-            for p in items["id"]:
-                try:
-                    datas.append(Path(p).read_bytes())
-                except OSError as e:
-                    datas.append(e)
             ids = [str(p) for p in items["id"]]
+            datas = [read_file(Path(p)) for p in ids]
         else:  # parquet: encoded bytes in the rows
             datas = [bytes(b) if b is not None else OSError("empty image cell") for b in items["image"]]
             ids = [str(p) for p in items["id"]] if "id" in items else [None] * len(datas)

@@ -49,6 +49,10 @@ def inputs(model, tmp_path_factory):
 
 
 def rows(path):
+    if path.suffix == "":  # a parquet dataset folder
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
     if path.suffix == ".csv":
         return list(csv.DictReader(path.open()))
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -145,3 +149,19 @@ def test_a_parquet_dataset_of_image_bytes_scores_like_the_folder(local_ray, mode
                        "--engine", "ray", "--max-pixels", "1000000")
     assert code == 0, err
     assert_same_rows(rows(tmp_path / "local.jsonl"), rows(tmp_path / "ray.jsonl"))
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_out_without_a_suffix_is_a_parquet_dataset_with_one_file_per_batch(local_ray, model, inputs, tmp_path, capsys,
+                                                                          engine):
+    code, _, err = run(capsys, model["folder"], inputs["npz"], "--out", tmp_path / "one.jsonl", "--batch-size", "100")
+    assert code == 0, err
+    out = tmp_path / "scores"
+    code, _, err = run(capsys, model["folder"], inputs["npz"], "--out", out, "--engine", engine, "--batch-size", "100")
+    assert code == 0, err
+    parts = sorted(p.name for p in out.iterdir())
+    assert parts[0] == "part-00000.parquet" and all(p.endswith(".parquet") for p in parts) and len(parts) >= 2
+    assert_same_rows(rows(tmp_path / "one.jsonl"), rows(out))
+    assert (tmp_path / "scores.drift.json").exists()
+    code, _, err = run(capsys, model["folder"], inputs["npz"], "--out", out, "--engine", engine)
+    assert code != 0 and "must be new or empty" in err  # never mixed with an earlier run's parts
