@@ -192,7 +192,9 @@ def _add_score(sub) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="OUT",
                    help="output file: .csv, .jsonl or .parquet; without a suffix a parquet dataset folder "
                         "(one file per batch)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default 256; with --engine ray 1024: each batch is one Ray task, and "
+                        "at 256 their overhead cost 20 %% of the throughput, docs/benchmarks.md §10)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
     p.add_argument("--no-drift", action="store_true",
@@ -215,15 +217,16 @@ def _add_score(sub) -> None:
 
 def cmd_score(args) -> int:
     if args.engine == "ray":
-        from service.score_ray import score_ray
+        from service.score_ray import RAY_BATCH, score_ray
 
         s = score_ray(args.model, args.input, args.out, address=args.address, workers=args.workers,
-                      batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker,
+                      batch_size=RAY_BATCH if args.batch_size is None else args.batch_size, gpus_per_worker=args.gpus_per_worker,
                       progress=not args.no_progress, drift=not args.no_drift, max_pixels=args.max_pixels)
     else:
-        from service.score import score
+        from service.score import DEFAULT_BATCH, score
 
-        s = score(args.model, Path(args.input), args.out, batch_size=args.batch_size, progress=not args.no_progress,
+        s = score(args.model, Path(args.input), args.out, batch_size=DEFAULT_BATCH if args.batch_size is None else args.batch_size,
+                  progress=not args.no_progress,
                   device=args.device, threads=args.threads, drift=not args.no_drift, max_pixels=args.max_pixels)
     if s["n_errors"]:
         print(f"{s['n_errors']} of {s['n_items']} items could not be read and were skipped (see the error column "

@@ -10,7 +10,8 @@ input size, and a folder of ``--pngs`` PNG files of them. For each input and rou
 Ray started for its run (``ray.init(num_cpus=2)``; its start-up is in the total) — drift checks on,
 the same CSV output (the functions behind ``adaptserve score``, called in this process). Reported: total images/s, and for Ray its fixed start-up (``ray.init``; the first
 batch back on the driver, which includes the actors' start and model load) and its steady-state
-images/s after the first batch. Ratio: Ray steady-state / local.
+images/s after the first batch; the driver's CPU time per image (receiving rows, writing them, drift windows:
+what bounds one driver). Ratio: Ray steady-state / local.
 """
 
 from __future__ import annotations
@@ -56,14 +57,14 @@ def make_inputs(model: Path, sizes: list[int], pngs: int, tmp: Path, data_dir: s
     return out
 
 
-def run(engine: str, model: Path, path: Path, out: Path, batch_size: int, threads: int) -> dict:
+def run(engine: str, model: Path, path: Path, out: Path, batch_size: int, ray_batch_size: int, threads: int) -> dict:
     """One scoring run, as ``adaptserve score`` does it (``--engine local`` or ``ray --workers N``)."""
     from service.score import score
     from service.score_ray import score_ray
 
     if engine == "local":
         return score(model, path, out, batch_size=batch_size, threads=threads, progress=False)
-    return score_ray(model, path, out, workers=int(engine.split("×")[1]), batch_size=batch_size, progress=False)
+    return score_ray(model, path, out, workers=int(engine.split("×")[1]), batch_size=ray_batch_size, progress=False)
 
 
 def main() -> None:
@@ -73,7 +74,8 @@ def main() -> None:
     ap.add_argument("--pngs", type=int, default=20_000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--threads", type=int, default=2, help="ORT threads of the local scorer")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="the local scorer's (its default)")
+    ap.add_argument("--ray-batch-size", type=int, default=1024, help="Ray's (its default: one task per batch)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tmp", type=Path, default=Path("/tmp/adaptserve-score-ray"))
     ap.add_argument("--data-dir", default=os.environ.get("ADAPTSERVE_DATA"))
@@ -85,30 +87,35 @@ def main() -> None:
         for r in range(args.rounds):
             for engine in ["local"] + [f"ray×{w}" for w in args.workers]:
                 t = time.perf_counter()
-                s = run(engine, args.model, path, args.tmp / f"out-{engine}.csv", args.batch_size, args.threads)
+                s = run(engine, args.model, path, args.tmp / f"out-{engine}.csv", args.batch_size, args.ray_batch_size,
+                      args.threads)
                 wall = time.perf_counter() - t
                 rows.append({"input": name, "engine": engine, "round": r, "n": s["n_items"], "wall_s": wall,
                              "images_per_s": s["n_items"] / wall, "init_s": s.get("ray_init_s"),
-                             "first_batch_s": s.get("first_batch_s"), "steady": s.get("steady_images_per_s")})
+                             "first_batch_s": s.get("first_batch_s"), "steady": s.get("steady_images_per_s"),
+                             "driver_cpu_s": s.get("driver_cpu_s")})
                 m = rows[-1]
                 extra = (f"  ray.init {m['init_s']:.1f} s, first batch {m['first_batch_s']:.1f} s, steady "
-                         f"{m['steady']:,.0f} img/s" if m["init_s"] is not None else "")
+                         f"{m['steady']:,.0f} img/s, driver CPU {m['driver_cpu_s']:.1f} s"
+                         if m["init_s"] is not None else "")
                 print(f"{name:22s} {engine:6s} {m['wall_s']:7.1f} s {m['images_per_s']:9,.0f} img/s{extra}", flush=True)
     load = os.getloadavg()
     print(f"\n{started:%Y-%m-%d %H:%M} UTC, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}\n")
-    print("| input | engine | images/s (total) | Ray start-up: ray.init / first batch | steady-state images/s | steady vs local |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| input | engine | images/s (total) | Ray start-up: ray.init / first batch | steady-state images/s | "
+          "steady vs local | driver CPU µs/image |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in inputs:
         local_rate = np.median([m["images_per_s"] for m in rows if m["input"] == name and m["engine"] == "local"])
         for engine in ["local"] + [f"ray×{w}" for w in args.workers]:
             ms = [m for m in rows if m["input"] == name and m["engine"] == engine]
             total = np.median([m["images_per_s"] for m in ms])
             if engine == "local":
-                print(f"| {name} | local | {total:,.0f} | — | {total:,.0f} | 1.00× |")
+                print(f"| {name} | local | {total:,.0f} | — | {total:,.0f} | 1.00× | — |")
             else:
                 steady = np.median([m["steady"] for m in ms])
                 print(f"| {name} | {engine} | {total:,.0f} | {np.median([m['init_s'] for m in ms]):.1f} s / "
-                      f"{np.median([m['first_batch_s'] for m in ms]):.1f} s | {steady:,.0f} | {steady / local_rate:.2f}× |")
+                      f"{np.median([m['first_batch_s'] for m in ms]):.1f} s | {steady:,.0f} | {steady / local_rate:.2f}× | "
+                      f"{np.median([m['driver_cpu_s'] / m['n'] for m in ms]) * 1e6:.0f} |")
 
 
 if __name__ == "__main__":

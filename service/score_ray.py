@@ -41,6 +41,7 @@ import numpy as np
 from service.score import (Batch, ScoreError, check_out, decode_files, default_max_pixels, describe_conversion,
                            list_folder, open_arrays, read_file, score_batch, write_results)
 
+RAY_BATCH = 1024  # images per Ray task; at 256 the per-task overhead cost 20 % (docs/benchmarks.md §10)
 CRASH_ONCE = "ADAPTSERVE_RAY_CRASH_ONCE"  # fault injection for the tests: a path; the first actor batch dies
 
 
@@ -164,7 +165,7 @@ def _items(ray, input_path: str, classes: list[str], per_block: int) -> tuple:
 
 
 def score_ray(model_source, input_path, out, *, address: str | None = None, workers: int = 2,
-              batch_size: int = 256, gpus_per_worker: float = 0.0, progress: bool = True, drift: bool = True,
+              batch_size: int = RAY_BATCH, gpus_per_worker: float = 0.0, progress: bool = True, drift: bool = True,
               max_pixels: int | None = None) -> dict:
     """Score INPUT with MODEL on Ray Data into ``out`` and ``out.drift.json`` (the local scorer's files)."""
     try:
@@ -176,7 +177,7 @@ def score_ray(model_source, input_path, out, *, address: str | None = None, work
     if workers < 1:
         raise ScoreError("--workers must be at least 1")
     out = check_out(out, batch_size)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model = Model.open(model_source, device="cpu", threads=1)  # IntegrityError here: nothing has started
     started, t_init = not ray.is_initialized(), time.perf_counter()
     if started:
@@ -202,7 +203,8 @@ def score_ray(model_source, input_path, out, *, address: str | None = None, work
         # built on the driver and need no read task).
         actor_cpus = (max(total - 1, 0) if kind == "parquet" else total) / workers if not gpus_per_worker else 1
         scored = items.map_batches(
-            Scorer, batch_size=batch_size, batch_format="numpy", concurrency=workers, num_cpus=actor_cpus,
+            Scorer, batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=actor_cpus,
             num_gpus=gpus_per_worker or None,
             fn_constructor_kwargs={"files_ref": files_ref, "kind": kind, "source": source, "classes": model.classes,
                                    "labelled": labelled, "max_pixels": max_pixels or default_max_pixels(),
@@ -240,6 +242,7 @@ def score_ray(model_source, input_path, out, *, address: str | None = None, work
                                 progress=progress, t0=t0, projected=True)
         rest = summary["seconds"] - timing.get("first_batch_s", 0.0)
         timing["steady_images_per_s"] = (n - timing.get("first_batch_rows", 0)) / rest if rest > 0 else None
+        timing["driver_cpu_s"] = time.process_time() - cpu0  # receiving, writing, drift windows: the driver's share
         return {**summary, "engine": "ray", "workers": workers, **timing}
     finally:
         if started:
