@@ -60,6 +60,9 @@ def _add_train(sub) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{helps.get(f.name, '')}{shown}".lstrip())
+        elif f.name == "source":  # repeatable: several labelled sources
+            p.add_argument(flag, action="append", default=None, metavar="SPEC",
+                           help=f"{helps.get(f.name, '')}{shown}".lstrip())
         else:
             kind = type(default) if default is not None else str
             p.add_argument(flag, type=kind, default=None, help=f"{helps.get(f.name, '')}{shown}".lstrip())
@@ -92,7 +95,7 @@ def cmd_train(args) -> int:
     else:
         overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
         cfg = TrainConfig.from_sources(args.config, **overrides).validate()
-        out = args.out or Path("runs") / f"{cfg.method}-{cfg.source}-{cfg.target}-s{cfg.seed}".replace(":", "_").replace("/", "_")
+        out = args.out or Path("runs") / f"{cfg.method}-{cfg.source_name}-{cfg.target}-s{cfg.seed}".replace(":", "_").replace("/", "_")
         if (out / "checkpoints" / "last.pt").exists():
             raise UserError(f"{out} already holds a run; use --resume {out} or another --out")
         try:  # fail now, not after loading the data, when --out cannot be a directory

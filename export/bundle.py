@@ -81,7 +81,7 @@ def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str
     summary = _read_optional(run_root / "summary.json", "json") or {}
     spec = InputSpec.from_dict(meta["input_spec"])
     ref_desc, images, groups = ref_mod.reference_images(meta, spec, reference, data_dir or config.get("data_dir"))
-    if reference and _overlaps(reference, [meta["source"], meta["target"], config.get("eval")]):
+    if reference and _overlaps(reference, [*meta.get("sources", [meta["source"]]), meta["target"], config.get("eval")]):
         log.warning("--reference %s is data the run trained or evaluated on; the drift reference should be "
                     "held-out in-distribution target images", reference)
     log.info("checkpoint %s (step %s), reference %s: %d images", ckpt_path, state.get("step"), ref_desc, len(images))

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.models import shipped_domain_logit
+
 
 OPSET = 18
 ATOL = 1e-4  # max |p_onnx − p_torch| allowed on probabilities (and P(target))
@@ -132,6 +134,7 @@ def torch_outputs(model: nn.Module, images: np.ndarray, batch_size: int = 256) -
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[i:i + batch_size]))  # a copy: images may be a read-only mmap
         logits, f, d = model(x)
+        d = shipped_domain_logit(d)
         p = logits.softmax(1)
         out["probabilities"].append(p.numpy())
         out["features"].append(f.numpy())

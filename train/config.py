@@ -14,17 +14,17 @@ import yaml
 
 from train import recipes
 
-METHODS = ("source-only", "dann", "cdan", "cdan-e")
+METHODS = ("source-only", "dann", "cdan", "cdan-e", "mdan")
 SELECTORS = ("im", "entropy", "snd", "dev", "last", "target_acc")
 
 
 @dataclass
 class TrainConfig:
     recipe: str = "paper"            # auto: the measured best for the arch family | paper | digits | lenet | resnet
-    source: str = "demo-source"      # labelled source dataset spec
+    source: str | list = "demo-source"  # labelled source dataset spec; several: repeat --source (a list in YAML)
     target: str = "demo-target"      # unlabelled target dataset spec (labels, if any, are only used to report)
     eval: str | None = None          # dataset for target accuracy; default: the target's test split (or training part)
-    method: str = "dann"             # source-only | dann | cdan | cdan-e
+    method: str = "dann"             # source-only | dann | cdan | cdan-e | mdan (several sources, one G_d each)
     arch: str = "auto"               # auto: lenet if USPS is involved, resnet50 for folders, else dann_mnist
     pretrained: str | None = None    # local .pth state dict for resnet backbones (never downloaded)
     steps: int = 2000                # optimiser steps; the λ and lr schedules run over them
@@ -39,6 +39,9 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1    # resnet backbone lr = lr × this
     gamma: float = 10.0              # γ of λ_p = 2/(1+e^(−γp)) − 1
     lambda_max: float = 1.0          # λ_p is scaled by this (DANN users tune it up to 10×)
+    mdan_mode: str = "soft"          # MDAN: soft ((1/γ)·log Σ exp(γ·L_i)) | hard (max_i CE_i + μ·min_i domain_i)
+    mdan_gamma: float = 10.0         # MDAN soft-max temperature γ (→ 0: mean of the sources, → ∞: the worst)
+    mdan_mu: float = 1.0             # MDAN μ, the weight of each source's domain loss (1: one source = DANN)
     lr_alpha: float = 10.0           # α of the lr schedule lr_p = μ0/(1+αp)^β
     lr_beta: float = 0.75            # β of the lr schedule
     lr_schedule: bool = True         # lr_p = μ0/(1+αp)^β; off: a constant μ0
@@ -59,7 +62,32 @@ class TrainConfig:
     threads: int = 0                 # torch intra-op threads on CPU; 0 = torch default
     tsne: bool = True                # t-SNE plot of source vs target features at the end
 
+    @property
+    def sources(self) -> list[str]:
+        """The source dataset specs, one or several."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
+
+    @property
+    def source_name(self) -> str:
+        """``a+b+c``: the sources as one name (run directories, plots, the manifest's ``source``)."""
+        return "+".join(self.sources)
+
     def validate(self) -> "TrainConfig":
+        if not isinstance(self.source, str):  # a list from --source repeated or YAML; one source stays a str
+            if not self.source or not all(isinstance(s, str) and s for s in self.source):
+                raise ValueError("--source needs a dataset spec (or a list of them)")
+            if len(set(self.source)) != len(self.source):
+                raise ValueError(f"--source lists a dataset twice: {', '.join(self.source)}")
+            self.source = self.source[0] if len(self.source) == 1 else list(self.source)
+        if self.target in self.sources:
+            raise ValueError(f"the target {self.target!r} is also a source")
+        if self.mdan_mode not in ("soft", "hard"):
+            raise ValueError(f"--mdan-mode must be soft or hard, not {self.mdan_mode!r}")
+        if self.mdan_gamma <= 0 or self.mdan_mu < 0:
+            raise ValueError("--mdan-gamma must be > 0 and --mdan-mu >= 0")
+        if len(self.sources) > 1 and self.method in ("cdan", "cdan-e"):
+            raise ValueError(f"--method {self.method} takes one source; with several use dann (sources "
+                             "combined), mdan or source-only")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.steps < 1 or self.batch_size < 1:
@@ -80,7 +108,7 @@ class TrainConfig:
             raise ValueError("--lambda-max must be >= 0 (a negative λ turns the gradient reversal around: the "
                              "features would help the discriminator instead of fooling it)")
         if self.arch == "auto":
-            self.arch = recipes.auto_arch(self.source, self.target)
+            self.arch = recipes.auto_arch(self.sources, self.target)
         if self.eval is None:
             kind = self.target.split(":")[0]
             self.eval = self.target if kind in ("folder", "npz") else f"{kind}:test"

@@ -15,10 +15,18 @@ where R_λ is the identity forward and multiplies the gradient by −λ backward
 feeds G_d the multilinear map f ⊗ softmax; CDAN+E weights each example by w = 1 + exp(−H(p)),
 normalised to mean 1 within each domain, so confident examples count more.
 
+Several labelled sources S_1..S_k (each step draws B images from every source and B from the target):
+``dann`` combines them (one G_d, all sources vs target); MDAN (Zhao et al., NeurIPS 2018) gives each
+source its own G_d^i behind its own GRL and combines the per-source losses
+L_i = CE_i + μ·BCE_i (S_i vs T) with a soft-max, whose gradient weights source i by softmax(γ·L)_i::
+
+    soft:  (1/γ)·log Σ_i exp(γ·L_i)            hard:  max_i CE_i + μ·min_i BCE_i
+
 Example::
 
     >>> logits, f, d = model(torch.cat([x_s, x_t]), coeff=dann_lambda(p))
     >>> loss = F.cross_entropy(logits[:n_s], y_s) + domain_loss(d, n_s)
+    >>> loss, weights = mdan_loss(ce_per_source, domain_per_source, gamma=10.0)   # both (k,)
 """
 
 from __future__ import annotations
@@ -87,3 +95,21 @@ def domain_loss(domain_logits: torch.Tensor, n_source: int, weights: torch.Tenso
     if weights is not None:
         per = per * weights
     return per[:n_source].mean() + per[n_source:].mean()
+
+
+def mdan_loss(ce: torch.Tensor, dom: torch.Tensor, gamma: float = 10.0, mu: float = 1.0, mode: str = "soft"
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """MDAN's objective over k sources from per-source class losses ``ce`` (k,) and domain losses ``dom``
+    (k,) → (scalar loss, each source's weight in its gradient (k,), detached, summing to 1).
+
+    ``soft``: (1/γ)·log Σ_i exp(γ·(ce_i + μ·dom_i)); ∂/∂L_i = softmax(γ·L)_i, so the hardest source to
+    fit and align counts most (γ → 0: the mean of the L_i plus a constant; γ → ∞: the max). With k = 1
+    it is ce + μ·dom, DANN's loss. ``hard``: max_i ce_i + μ·min_i dom_i (the paper's Hard version); the
+    weight is the one-hot of the source whose class loss is the max."""
+    if mode == "soft":
+        total = ce + mu * dom
+        return torch.logsumexp(gamma * total, 0) / gamma, torch.softmax(gamma * total.detach(), 0)
+    if mode == "hard":
+        i = int(torch.argmax(ce.detach()))
+        return ce[i] + mu * dom.min(), F.one_hot(torch.tensor(i), len(ce)).to(ce.dtype)
+    raise ValueError(f"unknown MDAN mode {mode!r}; choose soft or hard")

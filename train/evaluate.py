@@ -16,6 +16,7 @@ import torch
 
 from train import validators
 from train.data import Dataset
+from train.models import shipped_domain_logit
 
 
 class TrainingDiverged(ValueError):
@@ -31,6 +32,7 @@ def predict(model, images: np.ndarray | torch.Tensor, device: torch.device, batc
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.array(images[i:i + batch_size])).to(device)  # copy: may be a read-only mmap
         logits, f, d = model(x)
+        d = shipped_domain_logit(d)  # G_d's, the discriminator export ships (MDAN's per-source ones aside)
         probs.append(logits.float().softmax(1).cpu())
         feats.append(f.float().cpu())
         dom.append(torch.sigmoid(d.float()).cpu())
@@ -69,8 +71,16 @@ def proxy_a_distance(f_source: np.ndarray, f_target: np.ndarray, seed: int = 0, 
     return float(2.0 * (1.0 - 2.0 * min(err, 0.5)))
 
 
-def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed: int = 0) -> dict:
-    """All eval metrics for ``source`` (labelled) and ``target`` (labels optional)."""
+def _balanced_domain_acc(p_source: np.ndarray, p_target: np.ndarray) -> float:
+    n = min(len(p_source), len(p_target))
+    return float(((p_source[:n] < 0.5).mean() + (p_target[:n] >= 0.5).mean()) / 2)
+
+
+def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed: int = 0,
+             parts: dict[str, int] | None = None) -> dict:
+    """All eval metrics for ``source`` (labelled) and ``target`` (labels optional). ``parts`` (several
+    sources): ``source`` is their images one after another, ``{name: count}`` in that order; adds
+    ``per_source: {name: {source_acc, domain_acc}}`` (G_d telling that source from the target)."""
     ps, fs, ds = predict(model, source.images, device)
     pt, ft, dt = predict(model, target.images, device)
     if not all(np.isfinite(a).all() for a in (ps, fs, ds, pt, ft, dt)):
@@ -78,10 +88,9 @@ def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed
                                "checkpoint was written from it). Lower --lr, --lambda-max or --gamma and start "
                                "again, or --resume from the last good checkpoints/last.pt with a lower --lr "
                                "in its config.yaml")
-    n = min(len(ds), len(dt))
     out = {
         "source_acc": accuracy(ps, source.labels),
-        "domain_acc": float(((ds[:n] < 0.5).mean() + (dt[:n] >= 0.5).mean()) / 2),
+        "domain_acc": _balanced_domain_acc(ds, dt),
         "im": information_maximization(pt),
         "target_entropy": validators.mean_entropy(pt),
         "pad": proxy_a_distance(fs, ft, seed),
@@ -89,6 +98,11 @@ def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed
     }
     if target.labels is not None:
         out["target_acc"] = accuracy(pt, target.labels)
+    if parts:
+        bounds = np.cumsum([0, *parts.values()])
+        out["per_source"] = {name: {"source_acc": accuracy(ps[a:b], source.labels[a:b]),
+                                    "domain_acc": _balanced_domain_acc(ds[a:b], dt)}
+                             for name, a, b in zip(parts, bounds[:-1], bounds[1:])}
     return out
 
 

@@ -5,6 +5,11 @@ batch (so BatchNorm sees both domains together; ``--bn-per-domain``: as two batc
 
     CE(source logits, source labels) + domain_loss(G_d(R_λ(f)))     (see train/dann.py)
 
+With k sources (``--source`` repeated) a step draws B images from each, then B target images: ``dann``
+and ``source-only`` treat the k·B source rows as one source (each source equally often); ``mdan`` adds
+each source's own G_d^i and minimises :func:`train.dann.mdan_loss` of the per-source losses, while G_d
+learns on detached features (the drift discriminator export ships).
+
 with λ = lambda_max · λ_p for dann/cdan/cdan-e and λ = 0 for source-only (G_d still trains on
 detached features, which gives source-only runs a domain accuracy and a discriminator for drift).
 
@@ -27,7 +32,7 @@ from threadpoolctl import threadpool_limits
 
 from train import checkpoint as ckpt_io
 from train.config import TrainConfig
-from train.dann import dann_lambda, domain_loss, entropy_weights, lr_factor, tail_factor
+from train.dann import dann_lambda, domain_loss, entropy_weights, lr_factor, mdan_loss, tail_factor
 from train.data import Dataset, holdout_split, load
 from train.ema import EMA, refresh_bn
 from train.evaluate import accuracy, diagnose, evaluate, predict
@@ -48,11 +53,19 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def load_domains(cfg: TrainConfig, input_spec) -> dict[str, Dataset]:
-    """Source (labelled), target (its held-out part removed), and the eval sets."""
-    source = load(cfg.source, input_spec, data_root=cfg.data_dir)
-    if source.labels is None:
-        raise ValueError(f"the source {cfg.source!r} has no labels (a folder needs class sub-folders)")
+def load_domains(cfg: TrainConfig, input_spec) -> dict:
+    """Sources (labelled, one or several, same classes), target (its held-out part removed), the eval sets:
+    each source's own (``source_evals``, ``eval_samples // k`` images each) and all of them together."""
+    sources = []
+    for spec in cfg.sources:
+        ds = load(spec, input_spec, data_root=cfg.data_dir)
+        if ds.labels is None:
+            raise ValueError(f"the source {spec!r} has no labels (a folder needs class sub-folders)")
+        if sources and ds.classes != sources[0].classes:
+            raise ValueError(f"the sources disagree on their classes: {sources[0].spec!r} has {sources[0].classes}, "
+                             f"{spec!r} has {ds.classes} (every source needs the same class names)")
+        sources.append(ds)
+    source = sources[0]
     target_pool = load(cfg.target, input_spec, data_root=cfg.data_dir, classes=source.classes, labels_optional=True)
     train_idx, _ = holdout_split(len(target_pool), cfg.target_holdout, groups=target_pool.groups)
     target = target_pool.subset(train_idx)
@@ -61,11 +74,17 @@ def load_domains(cfg: TrainConfig, input_spec) -> dict[str, Dataset]:
     else:
         target_eval = load(cfg.eval, input_spec, default_split="test", data_root=cfg.data_dir,
                            classes=source.classes)
-    kind = cfg.source.split(":")[0]
-    source_eval = source if kind in ("folder", "npz") else load(f"{kind}:test", input_spec, data_root=cfg.data_dir)
-    cap = lambda d: d.subset(np.random.default_rng(0).permutation(len(d))[: cfg.eval_samples]) \
-        if len(d) > cfg.eval_samples else d  # noqa: E731
-    return {"source": source, "target": target, "source_eval": cap(source_eval), "target_eval": cap(target_eval)}
+    cap = lambda d, n: d.subset(np.random.default_rng(0).permutation(len(d))[:n]) if len(d) > n else d  # noqa: E731
+    source_evals = []
+    for spec, ds in zip(cfg.sources, sources):
+        kind = spec.split(":")[0]
+        test = ds if kind in ("folder", "npz") else load(f"{kind}:test", input_spec, data_root=cfg.data_dir)
+        source_evals.append(cap(test, cfg.eval_samples // len(sources)))
+    source_eval = source_evals[0] if len(sources) == 1 else Dataset(
+        cfg.source_name, np.concatenate([d.images for d in source_evals]),
+        np.concatenate([d.labels for d in source_evals]), source.classes)
+    return {"sources": sources, "target": target, "source_evals": source_evals, "source_eval": source_eval,
+            "target_eval": cap(target_eval, cfg.eval_samples)}
 
 
 def param_groups(model, arch, cfg: TrainConfig) -> list[dict]:
@@ -130,20 +149,20 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     if cfg.arch not in ARCH_INPUT:
         raise ValueError(f"unknown architecture {cfg.arch!r}; choose from {', '.join(ARCH_INPUT)}")
     data = load_domains(cfg, ARCH_INPUT[cfg.arch])
-    classes = data["source"].classes
+    classes = data["sources"][0].classes
+    S = len(data["sources"])
     torch.manual_seed(cfg.seed + rank)
     # DDP broadcasts rank 0's weights
-    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn)
+    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn, n_sources=S)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D conv weights only; the math is unchanged
-    on_device = device.type == "cuda" and data["source"].images.nbytes + data["target"].images.nbytes < 2**31
+    on_device = device.type == "cuda" and sum(d.images.nbytes for d in [*data["sources"], data["target"]]) < 2**31
     # np.require copies read-only (memory-mapped / frombuffer) arrays: torch warns on non-writable memory
-    xs_all = torch.from_numpy(np.require(data["source"].images, requirements=["C", "W"]))
-    ys_all = torch.from_numpy(np.require(data["source"].labels, requirements=["C", "W"]))
-    xt_all = torch.from_numpy(np.require(data["target"].images, requirements=["C", "W"]))
-    if on_device:
-        xs_all, ys_all, xt_all = xs_all.to(device), ys_all.to(device), xt_all.to(device)
+    tensor = lambda a: torch.from_numpy(np.require(a, requirements=["C", "W"])).to(device if on_device else "cpu")  # noqa: E731
+    xs_all = [tensor(d.images) for d in data["sources"]]  # one per source
+    ys_all = [tensor(d.labels) for d in data["sources"]]
+    xt_all = tensor(data["target"].images)
 
     groups = param_groups(model, arch, cfg)
     if cfg.optimizer == "adam":
@@ -154,7 +173,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     sampler = torch.Generator().manual_seed(cfg.seed)  # shared by all ranks: each takes its slice
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
     meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
-            "input_spec": arch.input_spec.to_dict(), "source": cfg.source, "target": cfg.target,
+            "input_spec": arch.input_spec.to_dict(), "source": cfg.source_name, "sources": cfg.sources,
+            "target": cfg.target,
             "target_holdout": cfg.target_holdout, "disc_bn": cfg.disc_bn}
 
     start, best, history = 0, None, []
@@ -201,7 +221,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         # One BLAS thread for numpy/scipy/sklearn: with 2 it fights torch's OpenMP threads, and the proxy
         # A-distance's logistic regression took 4.4 s instead of 0.16 s (docs/benchmarks.md §3).
         with threadpool_limits(1, user_api="blas"):
-            m = evaluate(shipped, data["source_eval"], data["target_eval"], device, cfg.seed)
+            m = evaluate(shipped, data["source_eval"], data["target_eval"], device, cfg.seed,
+                         parts={s: len(d) for s, d in zip(cfg.sources, data["source_evals"])} if S > 1 else None)
         if ema is not None and data["target_eval"].labels is not None:
             m["trained_target_acc"] = accuracy(predict(model, data["target_eval"].images, device)[0],
                                                data["target_eval"].labels)
@@ -210,14 +231,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         return m
 
     def bn_batches(step: int, n: int = BN_BATCHES):
-        """``n`` training batches (B source + B target, the training layout) from a generator of their own,
-        so recomputing the EMA model's BN statistics leaves the training sampler where it was."""
+        """``n`` training batches (B from each source + B target, the training layout) from a generator of
+        their own, so recomputing the EMA model's BN statistics leaves the training sampler where it was."""
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         for _ in range(n):
-            i_s, i_t = torch.randint(len(xs_all), (B,), generator=g), torch.randint(len(xt_all), (B,), generator=g)
-            if on_device:
-                i_s, i_t = i_s.to(device), i_t.to(device)
-            yield torch.cat([xs_all[i_s], xt_all[i_t]]).to(device)
+            idx = [torch.randint(len(xs), (B,), generator=g) for xs in [*xs_all, xt_all]]
+            yield torch.cat([xs[i.to(xs.device)] for xs, i in zip([*xs_all, xt_all], idx)]).to(device)
 
     metrics = JsonlLog(out / "metrics.jsonl", start if resume else None) if main else None
     B = cfg.batch_size
@@ -225,10 +244,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     t0, images_seen, eval_time = time.perf_counter(), 0, 0.0
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source}→{cfg.target}",
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source_name}→{cfg.target}",
                disable=not (main and progress), unit="step", dynamic_ncols=True, mininterval=1.0)
     acc_sum = torch.zeros(4, device=device)  # loss_cls, loss_domain, batch source acc, batch domain acc
+    per_sum = torch.zeros(S, 4, device=device)  # each source's class loss, batch acc, domain acc, weight
     acc_n = 0
+    n_src = S * B  # source rows at the front of each step's batch, B per source, then B target rows
     net.train()
     for step in range(start, cfg.steps):
         p = step / cfg.steps
@@ -238,40 +259,60 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_mult"]
 
-        idx_s = torch.randint(len(xs_all), (world * B,), generator=sampler)[rank * B:(rank + 1) * B]
-        idx_t = torch.randint(len(xt_all), (world * B,), generator=sampler)[rank * B:(rank + 1) * B]
-        if on_device:
-            idx_s, idx_t = idx_s.to(device), idx_t.to(device)
-        x = torch.cat([xs_all[idx_s], xt_all[idx_t]]).to(device, non_blocking=True)
-        y = ys_all[idx_s].to(device, non_blocking=True)
+        # each source's rows, then the target's: one draw per domain from the shared sampler, each rank its slice
+        idx = [torch.randint(len(xs), (world * B,), generator=sampler)[rank * B:(rank + 1) * B]
+               for xs in [*xs_all, xt_all]]
+        idx = [i.to(xt_all.device) for i in idx]
+        x = torch.cat([xs[i] for xs, i in zip([*xs_all, xt_all], idx)]).to(device, non_blocking=True)
+        y = torch.cat([ys[i] for ys, i in zip(ys_all, idx)]).to(device, non_blocking=True)
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, _, d = net(x, lam, B if cfg.bn_per_domain else None)
-            loss_cls = F.cross_entropy(logits[:B].float(), y)
-            weights = entropy_weights(logits.float().softmax(1), B) if cfg.method == "cdan-e" else None
-            loss_dom = domain_loss(d, B, weights)
-            loss = loss_cls + loss_dom
+            ce = F.cross_entropy(logits[:n_src].float(), y, reduction="none").view(S, B).mean(1)  # (S,)
+            if cfg.method == "mdan":  # column 0: G_d on detached features; column 1+i: source i's G_d^i
+                dom = torch.stack([domain_loss(torch.cat([d[i * B:(i + 1) * B, 1 + i], d[n_src:, 1 + i]]), B)
+                                   for i in range(S)])
+                loss_adv, w = mdan_loss(ce, dom, cfg.mdan_gamma, cfg.mdan_mu, cfg.mdan_mode)
+                d_ship = d[:, 0]
+                loss = loss_adv + domain_loss(d_ship, n_src)
+                loss_cls, loss_dom = ce.mean(), dom.mean()
+            else:
+                loss_cls = F.cross_entropy(logits[:n_src].float(), y)
+                weights = entropy_weights(logits.float().softmax(1), n_src) if cfg.method == "cdan-e" else None
+                loss_dom = domain_loss(d, n_src, weights)
+                loss, d_ship, w = loss_cls + loss_dom, d, torch.full((S,), 1.0 / S, device=d.device)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         if ema is not None:
             ema.update(model)
-        images_seen += 2 * B * world
+        images_seen += (S + 1) * B * world
 
         with torch.no_grad():
-            dom_correct = torch.cat([d[:B] < 0, d[B:] >= 0]).float().mean()
-            acc_sum += torch.stack([loss_cls.detach(), loss_dom.detach(),
-                                    (logits[:B].argmax(1) == y).float().mean(), dom_correct])
+            tgt_correct = (d_ship[n_src:] >= 0).float().mean()
+            dom_correct = ((d_ship[:n_src] < 0).float().mean() + tgt_correct) / 2  # balanced: k·B vs B rows
+            hit = (logits[:n_src].argmax(1) == y).float().view(S, B).mean(1)
+            acc_sum += torch.stack([loss_cls.detach(), loss_dom.detach(), hit.mean(), dom_correct])
+            if S > 1 or cfg.method == "mdan":
+                d_src = d[:, 1:] if cfg.method == "mdan" else d_ship.unsqueeze(1).expand(-1, S)
+                dacc = torch.stack([((d_src[i * B:(i + 1) * B, i] < 0).float().mean()
+                                     + (d_src[n_src:, i] >= 0).float().mean()) / 2 for i in range(S)])
+                per_sum += torch.stack([ce.detach(), hit, dacc, w.to(ce.dtype)], 1)
             acc_n += 1
         done = step + 1
         if main and (done % cfg.log_every == 0 or done == cfg.steps):
             lc, ld, sa, da = (acc_sum / acc_n).tolist()
-            metrics.write({"kind": "train", "step": done, "lr": lr_now, "lambda": lam, "loss_cls": lc,
-                           "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
-                           "images_per_s": images_seen / (time.perf_counter() - t0 - eval_time)})
+            rec = {"kind": "train", "step": done, "lr": lr_now, "lambda": lam, "loss_cls": lc,
+                   "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
+                   "images_per_s": images_seen / (time.perf_counter() - t0 - eval_time)}
+            if S > 1 or cfg.method == "mdan":  # domain_acc: source i vs target by G_d^i (mdan) or the one G_d
+                rec["per_source"] = {name: dict(zip(("loss_cls", "batch_acc", "domain_acc", "weight"), v))
+                                     for name, v in zip(cfg.sources, (per_sum / acc_n).tolist())}
+            metrics.write(rec)
             bar.set_postfix(cls=f"{lc:.3f}", dom=f"{ld:.3f}", src=f"{sa:.2f}", d_acc=f"{da:.2f}", λ=f"{lam:.2f}")
             acc_sum.zero_()
+            per_sum.zero_()
             acc_n = 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
             if main:
@@ -303,7 +344,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     if main:
         metrics.close()
         final = history[-1]
-        summary = {"recipe": cfg.recipe, "method": cfg.method, "arch": cfg.arch, "source": cfg.source,
+        summary = {"recipe": cfg.recipe, "method": cfg.method, "arch": cfg.arch, "source": cfg.source_name,
+                   "sources": cfg.sources,
                    "target": cfg.target, "ema": cfg.ema,
                    "eval": cfg.eval, "steps": cfg.steps, "seed": cfg.seed, "world_size": world,
                    "device": str(device), "wall_time_s": wall, "eval_time_s": eval_time,
@@ -315,6 +357,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             if "trained_target_acc" in final:  # with --ema: the optimiser's own weights, for comparison
                 summary["trained_target_acc"] = final["trained_target_acc"]
             summary["best_target_acc"] = next(h["target_acc"] for h in history if h["step"] == best["step"])
+        if "per_source" in final:
+            summary["per_source"] = final["per_source"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         with threadpool_limits(1, user_api="blas"):
             _plots(out, cfg, ema.model if ema is not None else model, data, device)
@@ -327,7 +371,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
 def _plots(out: Path, cfg: TrainConfig, model, data: dict, device) -> None:
     from train.plots import plot_curves, plot_tsne
 
-    title = f"{cfg.method} {cfg.source} → {cfg.target} ({cfg.arch}, seed {cfg.seed})"
+    title = f"{cfg.method} {cfg.source_name} → {cfg.target} ({cfg.arch}, seed {cfg.seed})"
     plot_curves(out / "metrics.jsonl", out / "curves.png", title)
     if cfg.tsne:
         n = 500

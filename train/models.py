@@ -6,6 +6,11 @@
     logits = G_y(f)                  (N,K)
     d = G_d(GRL_coeff(f), softmax)   (N,)  logit of P(target domain)
 
+With ``--method mdan`` and k sources the model also holds G_d^1..G_d^k (one per source, each behind the
+GRL) and G_d itself sees *detached* features (it only learns, as in source-only runs: it is the drift
+discriminator export ships); then d is (N, 1+k): column 0 G_d, column i G_d^i. :func:`shipped_domain_logit`
+takes G_d's column either way.
+
 Export keeps ``normalize → G_f → G_y`` (:meth:`DANN.inference_module`) and drops the GRL and G_d.
 
 Architectures (``--arch``):
@@ -94,26 +99,36 @@ class DANN(nn.Module):
     """The whole adversarial network; see the module docstring for the data flow."""
 
     def __init__(self, normalize: Normalize, features: nn.Module, classifier: nn.Module,
-                 discriminator: DomainDiscriminator):
+                 discriminator: DomainDiscriminator, source_discriminators: list[DomainDiscriminator] = ()):
         super().__init__()
         self.normalize, self.features = normalize, features
         self.classifier, self.discriminator = classifier, discriminator
+        self.source_discriminators = nn.ModuleList(source_discriminators)  # MDAN's G_d^i; empty otherwise
 
     def forward(self, x: torch.Tensor, coeff: float = 0.0, split: int | None = None):
-        """``split=B``: rows ``[:B]`` and ``[B:]`` (source, target) go through the network as two batches,
-        so in training every BatchNorm normalises each domain with its own statistics (fungtion/DANN's
-        two forward passes); outputs are concatenated back. ``None``: one batch."""
+        """``split=B``: each block of B rows (each source's, then the target's) goes through the network as
+        its own batch, so in training every BatchNorm normalises each domain with its own statistics
+        (fungtion/DANN's separate forward passes); outputs are concatenated back. ``None``: one batch."""
         if split is not None:
-            halves = [self(part, coeff) for part in (x[:split], x[split:])]
-            return tuple(torch.cat(outs) for outs in zip(*halves))
+            parts = [self(part, coeff) for part in x.split(split)]
+            return tuple(torch.cat(outs) for outs in zip(*parts))
         f = self.features(self.normalize(x))
         logits = self.classifier(f)
-        d = self.discriminator(grad_reverse(f, coeff), logits.detach().softmax(1))
-        return logits, f, d
+        p = logits.detach().softmax(1)
+        if not len(self.source_discriminators):
+            return logits, f, self.discriminator(grad_reverse(f, coeff), p)
+        reversed_f = grad_reverse(f, coeff)
+        d = [self.discriminator(grad_reverse(f, 0.0), p)] + [g(reversed_f, p) for g in self.source_discriminators]
+        return logits, f, torch.stack(d, 1)
 
     def inference_module(self) -> nn.Module:
         """normalize → G_f → G_y, returning (logits, features): what export turns into ONNX."""
         return _Inference(self.normalize, self.features, self.classifier)
+
+
+def shipped_domain_logit(d: torch.Tensor) -> torch.Tensor:
+    """G_d's logit (N,) from ``DANN.forward``'s d: (N,) as it is, or column 0 of MDAN's (N, 1+k)."""
+    return d if d.dim() == 1 else d[:, 0]
 
 
 class _Inference(nn.Module):
@@ -180,9 +195,9 @@ def _mlp(dims: list[int], bn: bool = False, dropout: float = 0.0) -> nn.Sequenti
 
 
 def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: str | None = None,
-                disc_bn: bool = False) -> tuple[DANN, Arch]:
+                disc_bn: bool = False, n_sources: int = 1) -> tuple[DANN, Arch]:
     """Build ``arch`` for ``num_classes``; ``method`` in cdan/cdan-e makes G_d conditional; ``disc_bn``
-    puts BatchNorm in G_d's hidden layers."""
+    puts BatchNorm in G_d's hidden layers; ``mdan`` adds one G_d^i per source (``n_sources`` of them)."""
     if arch not in ARCH_INPUT:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCH_INPUT)}")
     spec = ARCH_INPUT[arch]
@@ -212,8 +227,10 @@ def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: s
         backbone_prefix = "0."
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if arch.startswith("resnet") else (
         DIGIT_MEAN[: spec.channels], DIGIT_STD[: spec.channels])
-    disc = DomainDiscriminator(dim, hidden, depth, num_classes, conditional, bn=disc_bn)
-    return DANN(Normalize(mean, std), features, classifier, disc), Arch(arch, spec, backbone_prefix)
+    make_disc = lambda: DomainDiscriminator(dim, hidden, depth, num_classes, conditional, bn=disc_bn)  # noqa: E731
+    disc = make_disc()
+    per_source = [make_disc() for _ in range(n_sources)] if method == "mdan" else []
+    return DANN(Normalize(mean, std), features, classifier, disc, per_source), Arch(arch, spec, backbone_prefix)
 
 
 def _resnet(arch: str, pretrained: str | None) -> tuple[nn.Module, int]:

@@ -31,7 +31,8 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
     train, evals = read_metrics(metrics_path)
-    plt, (fig, axes) = _figure(2, 2, figsize=(11, 7))
+    sources = list(train[-1].get("per_source", {})) if train else []  # several sources (or MDAN): a third row
+    plt, (fig, axes) = _figure(3 if sources else 2, 2, figsize=(11, 10.5 if sources else 7))
     ax = axes[0, 0]
     if train:
         s = [r["step"] for r in train]
@@ -64,6 +65,20 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
         ax.plot(s, [r["im"] for r in evals], marker="o", ms=3, label="IM score on target (nats)")
     ax.set(title="alignment and label-free score", xlabel="step")
     ax.legend(fontsize=8)
+    if sources:
+        s = [r["step"] for r in train]
+        for name in sources:
+            axes[2, 0].plot(s, [r["per_source"][name]["weight"] for r in train], label=name)
+            line, = axes[2, 1].plot(s, [r["per_source"][name]["domain_acc"] for r in train], label=f"{name} vs target")
+            if evals and "per_source" in evals[0]:
+                axes[2, 1].plot([r["step"] for r in evals], [r["per_source"][name]["source_acc"] for r in evals],
+                                marker="o", ms=3, ls="--", c=line.get_color(), label=f"{name} eval accuracy")
+        axes[2, 0].set(title="each source's weight in the gradient (MDAN: softmax(γ·L_i))", xlabel="step")
+        axes[2, 1].axhline(0.5, ls=":", c="grey")
+        axes[2, 1].set(title="per source: domain acc (its G_d, training batches), accuracy", xlabel="step",
+                       ylim=(0, 1.02))
+        for ax in axes[2]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

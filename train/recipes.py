@@ -34,17 +34,22 @@ FAMILY = {"dann_mnist": "digits", "dann_mnist_bn": "digits", "dann_mnist_bn28": 
 NAMES = ("auto", *RECIPES)
 
 
-def auto_arch(source: str, target: str) -> str:
-    """The architecture ``--arch auto`` means for these datasets under the paper recipe."""
-    kinds = [s.split(":")[0] for s in (source, target)]
-    if "usps" in kinds:
+COLOUR = ("mnist_m", "svhn", "syn", "demo-target")
+
+
+def auto_arch(source: str | list[str], target: str) -> str:
+    """The architecture ``--arch auto`` means for these datasets (one source or several) under the paper
+    recipe: USPS → lenet (grey 28 px; with several sources only when none is in colour), folders →
+    resnet50, else a colour digit CNN."""
+    kinds = [s.split(":")[0] for s in ([source] if isinstance(source, str) else source) + [target]]
+    if "usps" in kinds and (len(kinds) == 2 or not set(kinds) & set(COLOUR)):
         return "lenet"
     if "folder" in kinds:
         return "resnet50"
     return "dann_mnist"
 
 
-def resolve(name: str, arch: str, source: str, target: str) -> tuple[str, dict]:
+def resolve(name: str, arch: str, source: str | list[str], target: str) -> tuple[str, dict]:
     """(recipe name, its option values) for ``--recipe name`` with ``--arch arch`` on these datasets."""
     if name not in NAMES:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(NAMES)}")
