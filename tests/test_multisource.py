@@ -136,6 +136,7 @@ def test_mdan_run_logs_every_source_resumes_exactly_and_exports_the_contract(tmp
         assert sum(s["weight"] for s in r["per_source"].values()) == pytest.approx(1.0, abs=1e-5)
         assert all({"loss_cls", "batch_acc", "domain_acc"} <= set(s) for s in r["per_source"].values())
     assert set(evals[-1]["per_source"]) == {"demo-source", inverted}
+    assert evals[-1]["domain_acc"] == pytest.approx(np.mean([v["domain_acc"] for v in evals[-1]["per_source"].values()]))
     assert (tmp_path / "full" / "curves.png").is_file()
 
     from export import bundle
