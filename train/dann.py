@@ -111,5 +111,5 @@ def mdan_loss(ce: torch.Tensor, dom: torch.Tensor, gamma: float = 10.0, mu: floa
         return torch.logsumexp(gamma * total, 0) / gamma, torch.softmax(gamma * total.detach(), 0)
     if mode == "hard":
         i = int(torch.argmax(ce.detach()))
-        return ce[i] + mu * dom.min(), F.one_hot(torch.tensor(i), len(ce)).to(ce.dtype)
+        return ce[i] + mu * dom.min(), F.one_hot(torch.tensor(i, device=ce.device), len(ce)).to(ce.dtype)
     raise ValueError(f"unknown MDAN mode {mode!r}; choose soft or hard")

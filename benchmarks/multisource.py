@@ -1,0 +1,112 @@
+"""Multi-source benchmark: best single source vs sources combined vs MDAN, per target, several seeds.
+
+    ADAPTSERVE_DATA=../shared/data python benchmarks/multisource.py --steps 3000 --seeds 0 1 2 \\
+        --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--report]
+
+For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
+Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
+single source, picked by target accuracy: an oracle baseline, as in the MDAN paper's tables, never a model
+anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``.
+Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--arch
+auto``: the digits recipe's 28×28×3 CNN when a colour domain is present), so the columns differ only in the
+method. Each run is an ordinary ``adaptserve train`` run directory: finished runs are skipped, a killed one is
+resumed from its last checkpoint. Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train.config import TrainConfig  # noqa: E402
+from train.loop import run  # noqa: E402
+
+DOMAINS = ("mnist", "mnist_m", "usps")
+COLUMNS = ("single", "combined-so", "combined-dann", "mdan-soft", "mdan-hard")
+ANCHORS = {"mnist_m": "MDAN paper (MNIST+SVHN+Syn → MNIST-M): combined DANN 65.1, MDAN soft 68.7",
+           "mnist": "MDAN paper (SVHN+MNIST-M+Syn → MNIST): combined DANN 92.5, MDAN soft 97.9",
+           "usps": "Digit-Five (Lee et al. 2021): combined source-only 81.6, M3SDA-β 97.4"}
+
+
+def runs_for(target: str, columns: list[str]) -> list[tuple[str, list[str], str, dict]]:
+    """(run name, sources, method, extra options) for one target."""
+    sources = [d for d in DOMAINS if d != target] + ["syn"]
+    out = []
+    if "single" in columns:
+        out += [(f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")]
+    named = {"combined-so": ("source-only", {}), "combined-dann": ("dann", {}),
+             "mdan-soft": ("mdan", {"mdan_mode": "soft"}), "mdan-hard": ("mdan", {"mdan_mode": "hard"})}
+    out += [(c, sources, *named[c]) for c in columns if c in named]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", nargs="+", default=list(DOMAINS), choices=DOMAINS)
+    ap.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=COLUMNS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/multisource"))
+    ap.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
+    args = ap.parse_args()
+    results = []
+    for target in args.targets:
+        multi = TrainConfig.from_sources(None, source=[d for d in DOMAINS if d != target] + ["syn"],
+                                         target=target).validate()
+        for seed in args.seeds:  # seeds outside: a benchmark cut short has every column at the first seeds
+            for name, sources, method, extra in runs_for(target, args.columns):
+                out = args.out / target / f"{name}-s{seed}"
+                if not (out / "summary.json").exists() and not args.report:
+                    resume = (out / "checkpoints" / "last.pt").exists()
+                    cfg = (TrainConfig.from_sources(out / "config.yaml") if resume else TrainConfig.from_sources(
+                        None, recipe=multi.recipe, arch=multi.arch, source=sources, target=target, method=method,
+                        seed=seed, steps=args.steps, threads=args.threads, tsne=False, **extra))
+                    s = run(cfg, out, resume=resume, progress=False)
+                    print(f"→ {target} {name} seed {seed}: {s['target_acc']:.2%} ({s['wall_time_s']:.0f} s)", flush=True)
+                if (out / "summary.json").exists():
+                    results.append({**json.loads((out / "summary.json").read_text()), "column": name.split("-")[0]
+                                    if name.startswith(("source-only-", "dann-")) else name})
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    """One row per target: each column's mean ± std over seeds (the best single source by its mean)."""
+    def cell(rs):
+        acc = [100 * r["target_acc"] for r in rs]
+        return f"{statistics.mean(acc):.1f} ± {statistics.stdev(acc):.1f} ({len(acc)})" if len(acc) > 1 else \
+            f"{acc[0]:.1f} (1)" if acc else "—"
+
+    head = ["best single, source-only", "best single, DANN", "combined, source-only", "combined, DANN",
+            "MDAN soft", "MDAN hard"]
+    rows = ["| target (sources) | steps | " + " | ".join(head) + " | anchors |",
+            "| --- | --- |" + " --- |" * (len(head) + 1)]
+    for target in DOMAINS:
+        rs = [r for r in results if r["target"] == target]
+        if not rs:
+            continue
+        cells = []
+        for method in ("source-only", "dann"):
+            single = {}
+            for r in rs:
+                if r["column"] == method and len(r.get("sources", [r["source"]])) == 1:
+                    single.setdefault(r["source"], []).append(r)
+            best = max(single.items(), key=lambda kv: statistics.mean(x["target_acc"] for x in kv[1]), default=None)
+            cells.append(f"{cell(best[1])} [{best[0]}]" if best else "—")
+        for col in ("combined-so", "combined-dann", "mdan-soft", "mdan-hard"):
+            cells.append(cell([r for r in rs if r["column"] == col]))
+        sources = "+".join(d for d in DOMAINS if d != target) + "+syn"
+        steps = "/".join(sorted({str(r["steps"]) for r in rs}))
+        rows.append(f"| {target} ({sources}) | {steps} | " + " | ".join(cells) + f" | {ANCHORS[target]} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
