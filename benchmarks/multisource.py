@@ -33,16 +33,13 @@ ANCHORS = {"mnist_m": "MDAN paper (MNIST+SVHN+Syn → MNIST-M): combined DANN 65
            "usps": "Digit-Five (Lee et al. 2021): combined source-only 81.6, M3SDA-β 97.4"}
 
 
-def runs_for(target: str, columns: list[str]) -> list[tuple[str, list[str], str, dict]]:
-    """(run name, sources, method, extra options) for one target."""
+def runs_for(target: str) -> list[tuple[str, str, list[str], str, dict]]:
+    """(column, run name, sources, method, extra options) of every run for one target."""
     sources = [d for d in DOMAINS if d != target] + ["syn"]
-    out = []
-    if "single" in columns:
-        out += [(f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")]
+    out = [("single", f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")]
     named = {"combined-so": ("source-only", {}), "combined-dann": ("dann", {}),
              "mdan-soft": ("mdan", {"mdan_mode": "soft"}), "mdan-hard": ("mdan", {"mdan_mode": "hard"})}
-    out += [(c, sources, *named[c]) for c in columns if c in named]
-    return out
+    return out + [(c, c, sources, *named[c]) for c in COLUMNS if c in named]
 
 
 def main() -> None:
@@ -60,18 +57,18 @@ def main() -> None:
         multi = TrainConfig.from_sources(None, source=[d for d in DOMAINS if d != target] + ["syn"],
                                          target=target).validate()
         for seed in args.seeds:  # seeds outside: a benchmark cut short has every column at the first seeds
-            for name, sources, method, extra in runs_for(target, args.columns):
+            for column, name, sources, method, extra in runs_for(target):
                 out = args.out / target / f"{name}-s{seed}"
-                if not (out / "summary.json").exists() and not args.report:
+                if not (out / "summary.json").exists() and not args.report and column in args.columns:
                     resume = (out / "checkpoints" / "last.pt").exists()
                     cfg = (TrainConfig.from_sources(out / "config.yaml") if resume else TrainConfig.from_sources(
                         None, recipe=multi.recipe, arch=multi.arch, source=sources, target=target, method=method,
                         seed=seed, steps=args.steps, threads=args.threads, tsne=False, **extra))
                     s = run(cfg, out, resume=resume, progress=False)
                     print(f"→ {target} {name} seed {seed}: {s['target_acc']:.2%} ({s['wall_time_s']:.0f} s)", flush=True)
-                if (out / "summary.json").exists():
-                    results.append({**json.loads((out / "summary.json").read_text()), "column": name.split("-")[0]
-                                    if name.startswith(("source-only-", "dann-")) else name})
+                if (out / "summary.json").exists():  # the table has every finished run, of any column
+                    s = json.loads((out / "summary.json").read_text())
+                    results.append({**s, "column": s["method"] if column == "single" else column})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(table(results))
