@@ -25,7 +25,7 @@ class TrainConfig:
     target: str = "demo-target"      # unlabelled target dataset spec (labels, if any, are only used to report)
     eval: str | None = None          # dataset for target accuracy; default: the target's test split (or training part)
     method: str = "dann"             # source-only | dann | cdan | cdan-e | mdan (several sources, one G_d each)
-    arch: str = "auto"               # auto: lenet if USPS is involved, resnet50 for folders, else dann_mnist
+    arch: str = "auto"               # auto: lenet if USPS is involved (and no colour source), resnet50 for folders, else dann_mnist
     pretrained: str | None = None    # local .pth state dict for resnet backbones (never downloaded)
     steps: int = 2000                # optimiser steps; the λ and lr schedules run over them
     batch_size: int = 64             # per domain and per process: each step sees B source + B target
