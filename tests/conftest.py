@@ -58,3 +58,26 @@ def model(tmp_path_factory):
 
     tiny = tiny_model(tmp_path_factory)
     return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
+
+
+def kill_and_resume(cli: list[str], train_cmd: list[str], run_dir: Path, steps: int) -> int:
+    """Start ``train_cmd`` (a run into ``run_dir`` of ``steps`` steps), SIGKILL it as soon as its first
+    checkpoint is written, then ``adaptserve train --resume`` it to the end; returns the step it was killed at."""
+    import signal
+    import subprocess
+    import time
+
+    from train import checkpoint as ckpt_io
+
+    proc = subprocess.Popen(train_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = ckpt_io.load(last)["step"]
+    assert 0 < killed_at < steps, "the run finished before it could be killed; the test proves nothing"
+    r = subprocess.run(cli + ["train", "--resume", str(run_dir), "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return killed_at

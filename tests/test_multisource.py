@@ -1,14 +1,13 @@
 """Several labelled sources → one target: MDAN's loss, per-source GRLs, configs, and real short runs."""
 
 import json
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import kill_and_resume
 from train import checkpoint as ckpt_io
 from train.config import TrainConfig
 from train.dann import domain_loss, mdan_loss
@@ -159,19 +158,7 @@ def test_resume_of_a_multi_source_run_after_sigkill_is_exact(tmp_path, cli, inve
              "--steps", "80", "--batch-size", "16", "--eval-every", "10", "--log-every", "10", "--threads", "1",
              "--no-tsne", "--no-progress"]
     subprocess.run(cli + ["train", *flags, "--out", str(tmp_path / "full")], check=True, capture_output=True)
-    proc = subprocess.Popen(cli + ["train", *flags, "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = ckpt_io.load(last)["step"]
-    assert 0 < killed_at < 80, "the run finished before it could be killed; the test proves nothing"
-    r = subprocess.run(cli + ["train", "--resume", str(tmp_path / "killed"), "--no-progress"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    kill_and_resume(cli, cli + ["train", *flags, "--out", str(tmp_path / "killed")], tmp_path / "killed", 80)
     a, b = (ckpt_io.load(tmp_path / n / "checkpoints" / "last.pt") for n in ("full", "killed"))
     assert b["step"] == 80
     for k in a["model"]:

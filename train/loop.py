@@ -250,6 +250,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     per_sum = torch.zeros(S, 4, device=device)  # each source's class loss, batch acc, domain acc, weight
     acc_n = 0
     n_src = S * B  # source rows at the front of each step's batch, B per source, then B target rows
+    per_source = S > 1 or cfg.method == "mdan"  # per-source class losses, accuracies, weights in the log
+    balanced = lambda d_s, d_t: ((d_s < 0).float().mean() + (d_t >= 0).float().mean()) / 2  # noqa: E731
     net.train()
     for step in range(start, cfg.steps):
         p = step / cfg.steps
@@ -268,7 +270,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, _, d = net(x, lam, B if cfg.bn_per_domain else None)
-            ce = F.cross_entropy(logits[:n_src].float(), y, reduction="none").view(S, B).mean(1)  # (S,)
+            ce = F.cross_entropy(logits[:n_src].float(), y, reduction="none").view(S, B).mean(1) \
+                if per_source else None  # (S,): each source's class loss
             if cfg.method == "mdan":  # column 0: G_d on detached features; column 1+i: source i's G_d^i
                 dom = torch.stack([domain_loss(torch.cat([d[i * B:(i + 1) * B, 1 + i], d[n_src:, 1 + i]]), B)
                                    for i in range(S)])
@@ -290,14 +293,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         images_seen += (S + 1) * B * world
 
         with torch.no_grad():
-            tgt_correct = (d_ship[n_src:] >= 0).float().mean()
-            dom_correct = ((d_ship[:n_src] < 0).float().mean() + tgt_correct) / 2  # balanced: k·B vs B rows
+            dom_correct = balanced(d_ship[:n_src], d_ship[n_src:])  # balanced: k·B source rows vs B target rows
             hit = (logits[:n_src].argmax(1) == y).float().view(S, B).mean(1)
             acc_sum += torch.stack([loss_cls.detach(), loss_dom.detach(), hit.mean(), dom_correct])
-            if S > 1 or cfg.method == "mdan":
+            if per_source:
                 d_src = d[:, 1:] if cfg.method == "mdan" else d_ship.unsqueeze(1).expand(-1, S)
-                dacc = torch.stack([((d_src[i * B:(i + 1) * B, i] < 0).float().mean()
-                                     + (d_src[n_src:, i] >= 0).float().mean()) / 2 for i in range(S)])
+                dacc = torch.stack([balanced(d_src[i * B:(i + 1) * B, i], d_src[n_src:, i]) for i in range(S)])
                 per_sum += torch.stack([ce.detach(), hit, dacc, w.to(ce.dtype)], 1)
             acc_n += 1
         done = step + 1
@@ -306,7 +307,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             rec = {"kind": "train", "step": done, "lr": lr_now, "lambda": lam, "loss_cls": lc,
                    "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
                    "images_per_s": images_seen / (time.perf_counter() - t0 - eval_time)}
-            if S > 1 or cfg.method == "mdan":  # domain_acc: source i vs target by G_d^i (mdan) or the one G_d
+            if per_source:  # domain_acc: source i vs target by G_d^i (mdan) or the one G_d
                 rec["per_source"] = {name: dict(zip(("loss_cls", "batch_acc", "domain_acc", "weight"), v))
                                      for name, v in zip(cfg.sources, (per_sum / acc_n).tolist())}
             metrics.write(rec)
