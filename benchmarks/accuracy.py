@@ -82,6 +82,8 @@ def finished(run_dir: Path) -> dict:
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     recipe = [cfg.get("optimizer", "sgd")] + [name for key, name in (("bn_per_domain", "BN per domain"),
                                                                      ("disc_bn", "G_d BN")) if cfg.get(key)]
+    recipe += [f"{name} {cfg[key]:g}" for key, name in (("mmd_weight", "MMD"), ("grad_clip", "clip"),
+                                                        ("warmup_steps", "warm-up")) if cfg.get(key)]
     return {**summary, "batch_size": cfg["batch_size"], "lr": cfg["lr"], "recipe": ", ".join(recipe)}
 
 

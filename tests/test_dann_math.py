@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from train.dann import dann_lambda, domain_loss, entropy, entropy_weights, grad_reverse, lr_factor, tail_factor
+from train.dann import (dann_lambda, domain_loss, entropy, entropy_weights, grad_reverse, lr_factor, mk_mmd,
+                        tail_factor, warmup_factor)
 
 
 @pytest.mark.parametrize("coeff", [0.0, 0.37, 1.0, 10.0])
@@ -67,3 +68,47 @@ def test_tail_factor_is_a_cosine_to_zero_over_the_last_fraction():
     assert tail_factor(1.0, 0.25) == pytest.approx(0.0, abs=1e-12)
     values = [tail_factor(p / 100, 0.25) for p in range(75, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_warmup_factor_values():
+    assert [warmup_factor(s, 100) for s in (0, 49, 98, 99, 100, 5000)] == [0.01, 0.5, 0.99, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0 and warmup_factor(7, 0) == 1.0  # 0 switches it off
+
+
+def _mmd_by_hand(a, b, alphas=(0.125, 0.25, 0.5, 1.0, 2.0)):
+    """The biased MK-MMD² written out pair by pair (no matrices), to check mk_mmd against."""
+    z = [r for r in a] + [r for r in b]
+    base = sum(float(((u - v) ** 2).sum()) for u in z for v in z) / len(z) ** 2
+    k = lambda u, v: sum(math.exp(-float(((u - v) ** 2).sum()) / (2 * al * base)) for al in alphas)  # noqa: E731
+    mean = lambda xs, ys: sum(k(u, v) for u in xs for v in ys) / (len(xs) * len(ys))  # noqa: E731
+    return mean(a, a) + mean(b, b) - 2 * mean(a, b)
+
+
+def test_mk_mmd_zero_for_the_same_batch_positive_and_growing_with_shift():
+    torch.manual_seed(0)
+    a = torch.randn(64, 16)
+    assert mk_mmd(a, a).item() == pytest.approx(0.0, abs=1e-5)
+    assert mk_mmd(a, a[torch.randperm(64)]).item() == pytest.approx(0.0, abs=1e-5)  # a set: order is no matter
+    b = torch.randn(64, 16)  # same distribution, other draw: small but not zero
+    shifted = [mk_mmd(a, b + s).item() for s in (0.0, 0.5, 1.0, 2.0)]
+    assert 0 < shifted[0] < shifted[1] < shifted[2] < shifted[3]
+    assert shifted[0] < 0.1 * shifted[3]
+    x, y = torch.randn(6, 3), torch.randn(5, 3) + 1.0  # unequal sizes, against the pair-by-pair sum
+    assert mk_mmd(x, y).item() == pytest.approx(_mmd_by_hand(x, y), rel=1e-4)
+    assert mk_mmd(10 * x, 10 * y).item() == pytest.approx(mk_mmd(x, y).item(), rel=1e-4)  # bandwidth follows scale
+
+
+def test_mk_mmd_gradient_reaches_the_features_not_the_classifier():
+    from train.models import build_model
+
+    torch.manual_seed(0)
+    model, arch = build_model("dann_mnist", 10, "dann")
+    spec = arch.input_spec
+    x = torch.rand(16, spec.height, spec.width, spec.channels) * 255
+    x[8:] = 255 - x[8:]  # a shifted "target" half
+    logits, f, d = model(x.to(torch.uint8), 1.0)
+    mk_mmd(f[:8], f[8:]).backward()
+    feats = [p.grad for p in model.features.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in feats) and any(g.abs().sum() > 0 for g in feats)
+    assert all(p.grad is None for p in model.classifier.parameters())
+    assert all(p.grad is None for p in model.discriminator.parameters())

@@ -40,6 +40,28 @@ def test_run_writes_every_artifact(tmp_path):
     assert state["step"] == 60 and state["meta"]["classes"] == [str(i) for i in range(10)]
 
 
+def test_mmd_term_grad_clip_and_warmup_in_the_loop(tmp_path):
+    """--warmup-steps scales the first steps' lr by (step+1)/N; --grad-clip clips (a bound of 1e-3: every
+    step; 1e6: no step, and the run equals the unclipped one bit for bit); --mmd-weight logs its loss; every
+    evaluation logs the feature MMD."""
+    kw = dict(steps=30, eval_every=30, log_every=10)
+    recs = {}
+    for name, extra in {"base": {}, "warm": dict(warmup_steps=20), "warm-noclip": dict(warmup_steps=20, grad_clip=1e6),
+                        "clip-mmd": dict(warmup_steps=20, grad_clip=1e-3, mmd_weight=1.0)}.items():
+        run(small_cfg(**kw, **extra), tmp_path / name, progress=False)
+        recs[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    lr = {n: [r["lr"] for r in rs if r["kind"] == "train"] for n, rs in recs.items()}
+    assert [w / b for w, b in zip(lr["warm"], lr["base"])] == pytest.approx([0.5, 1.0, 1.0])  # steps 10, 20, 30
+    weights = {n: ckpt_io.load(tmp_path / n / "checkpoints" / "last.pt")["model"] for n in recs}
+    assert all(torch.equal(weights["warm"][k], weights["warm-noclip"][k]) for k in weights["warm"])
+    assert not all(torch.equal(weights["warm"][k], weights["clip-mmd"][k]) for k in weights["warm"])
+    trains = {n: [r for r in rs if r["kind"] == "train"] for n, rs in recs.items()}
+    assert all(r["clipped"] == 0.0 and r["grad_norm"] > 1e-3 for r in trains["warm-noclip"])
+    assert all(r["clipped"] == 1.0 and r["loss_mmd"] > 0 for r in trains["clip-mmd"])
+    assert "grad_norm" not in trains["base"][0] and "loss_mmd" not in trains["base"][0]
+    assert all(r["mmd"] >= 0 for rs in recs.values() for r in rs if r["kind"] == "eval")
+
+
 def test_dann_beats_source_only_on_the_demo_target(tmp_path, cli):
     """The demo's promise, with the demo's own settings — the default recipe (a shorter schedule would test
     something else); the two runs side by side, one thread each, as the demo runs them. The test asks for +15

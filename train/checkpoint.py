@@ -92,7 +92,8 @@ def load_model(path: Path, weights: str = "shipped"):
     if missing:
         raise CheckpointError(f"{path}: checkpoint meta lacks {', '.join(missing)}")
     model, arch = build_model(meta["arch"], len(meta["classes"]), meta["method"],
-                              disc_bn=meta.get("disc_bn", False), n_sources=len(meta.get("sources") or [1]))
+                              disc_bn=meta.get("disc_bn", False), n_sources=len(meta.get("sources") or [1]),
+                              input_norm=meta.get("input_norm", "dataset"))
     use_ema = weights == "shipped" and state.get("ema") is not None
     try:
         model.load_state_dict(state["ema"]["model"] if use_ema else state["model"])

@@ -14,7 +14,7 @@ import yaml
 
 from train import recipes
 
-METHODS = ("source-only", "dann", "cdan", "cdan-e", "mdan")
+METHODS = ("source-only", "dann", "cdan", "cdan-e", "mdan", "vada")
 SELECTORS = ("im", "entropy", "snd", "dev", "last", "target_acc")
 
 
@@ -24,7 +24,7 @@ class TrainConfig:
     source: str | list = "demo-source"  # labelled source dataset spec; several: repeat --source (a list in YAML)
     target: str = "demo-target"      # unlabelled target dataset spec (labels, if any, are only used to report)
     eval: str | None = None          # dataset for target accuracy; default: the target's test split (or training part)
-    method: str = "dann"             # source-only | dann | cdan | cdan-e | mdan (several sources, one G_d each)
+    method: str = "dann"             # source-only | dann | cdan | cdan-e | mdan (several sources, one G_d each) | vada (DANN + target entropy + VAT)
     arch: str = "auto"               # auto: lenet if USPS is involved (and no colour source), resnet50 for folders, else dann_mnist
     pretrained: str | None = None    # local .pth state dict for resnet backbones (never downloaded)
     steps: int = 2000                # optimiser steps; the λ and lr schedules run over them
@@ -42,6 +42,13 @@ class TrainConfig:
     mdan_mode: str = "soft"          # MDAN: soft ((1/γ)·log Σ exp(γ·L_i)) | hard (max_i CE_i + μ·min_i domain_i)
     mdan_gamma: float = 10.0         # MDAN soft-max temperature γ (→ 0: mean of the sources, → ∞: the worst)
     mdan_mu: float = 1.0             # MDAN μ, the weight of each source's domain loss (1: one source = DANN)
+    vada_source_weight: float = 1.0  # VADA λ_s: weight of VAT on the source (0 skips its three extra passes)
+    vada_target_weight: float = 0.01  # VADA λ_t: weight of the target's conditional entropy + VAT
+    vat_radius: float = 3.5          # VAT perturbation radius (L2, on the normalised image; the reference code's 3.5)
+    input_norm: str = "dataset"      # dataset: (x/255 − mean)/std | instance: each image and channel to mean 0, std 1 (in the ONNX graph)
+    mmd_weight: float = 0.0          # weight of the MK-MMD² between source and target features (DAN) in the loss; 0: off
+    grad_clip: float = 0.0           # clip the gradient's total norm to this before each step; 0: off
+    warmup_steps: int = 0            # linear lr warm-up over the first N steps (then the schedule); 0: off
     lr_alpha: float = 10.0           # α of the lr schedule lr_p = μ0/(1+αp)^β
     lr_beta: float = 0.75            # β of the lr schedule
     lr_schedule: bool = True         # lr_p = μ0/(1+αp)^β; off: a constant μ0
@@ -107,6 +114,14 @@ class TrainConfig:
         if self.lambda_max < 0:
             raise ValueError("--lambda-max must be >= 0 (a negative λ turns the gradient reversal around: the "
                              "features would help the discriminator instead of fooling it)")
+        if self.input_norm not in ("dataset", "instance"):
+            raise ValueError(f"--input-norm must be dataset or instance, not {self.input_norm!r}")
+        if min(self.vada_source_weight, self.vada_target_weight, self.vat_radius) < 0:
+            raise ValueError("--vada-source-weight, --vada-target-weight and --vat-radius must be >= 0")
+        if self.mmd_weight < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
+            raise ValueError("--mmd-weight, --grad-clip and --warmup-steps must be >= 0 (0 switches each off)")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")
         if self.arch == "auto":
             self.arch = recipes.auto_arch(self.sources, self.target)
         if self.eval is None:

@@ -15,6 +15,10 @@ where R_λ is the identity forward and multiplies the gradient by −λ backward
 feeds G_d the multilinear map f ⊗ softmax; CDAN+E weights each example by w = 1 + exp(−H(p)),
 normalised to mean 1 within each domain, so confident examples count more.
 
+``--mmd-weight w`` adds w·MK-MMD²(f_s, f_t) between the two domains' features (DAN, Long et al. 2015),
+the distribution-alignment term of the description this project follows; ``--warmup-steps`` ramps the lr
+linearly from μ0/N up to the schedule's value over the first N steps, ``--grad-clip`` caps the gradient's norm.
+
 Several labelled sources S_1..S_k (each step draws B images from every source and B from the target):
 ``dann`` combines them (one G_d, all sources vs target); MDAN (Zhao et al., NeurIPS 2018) gives each
 source its own G_d^i behind its own GRL and combines the per-source losses
@@ -26,6 +30,7 @@ Example::
 
     >>> logits, f, d = model(torch.cat([x_s, x_t]), coeff=dann_lambda(p))
     >>> loss = F.cross_entropy(logits[:n_s], y_s) + domain_loss(d, n_s)
+    >>> loss = loss + w * mk_mmd(f[:n_s], f[n_s:])                              # f: (2B, D) features
     >>> loss, weights = mdan_loss(ce_per_source, domain_per_source, gamma=10.0)   # both (k,)
 """
 
@@ -71,6 +76,33 @@ def tail_factor(p: float, tail: float) -> float:
     if tail <= 0 or p <= 1.0 - tail:
         return 1.0
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (p - (1.0 - tail)) / tail)))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear lr warm-up: (step + 1) / N for the first N steps (0-based ``step``), then 1. N = 0: always 1."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+MMD_ALPHAS = (0.125, 0.25, 0.5, 1.0, 2.0)  # DAN's kernel family as TLlib builds it: σ² = 2^k · mean d², k = −3..1
+
+
+def mk_mmd(f_s: torch.Tensor, f_t: torch.Tensor, alphas: tuple[float, ...] = MMD_ALPHAS) -> torch.Tensor:
+    """Multi-kernel MMD² between source features (n, D) and target features (m, D) → scalar ≥ 0.
+
+    k(a, b) = Σ_α exp(−‖a − b‖² / (2σ_α²)), σ_α² = α · mean_ij ‖z_i − z_j‖² over the pooled batch
+    (detached: the bandwidths follow the features' scale but carry no gradient). The biased estimate
+
+        MMD² = mean K(s, s) + mean K(t, t) − 2 · mean K(s, t)
+
+    is a squared distance between the two kernel mean embeddings: 0 when the batches are the same set,
+    growing as they move apart. Its gradient reaches G_f (and what comes before), never G_y."""
+    n = len(f_s)
+    z = torch.cat([f_s, f_t]).float()
+    sq = (z * z).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0.0)  # no sqrt: finite gradient at d = 0
+    base = d2.detach().mean().clamp_min(1e-12)
+    k = sum(torch.exp(-d2 / (2.0 * a * base)) for a in alphas)
+    return k[:n, :n].mean() + k[n:, n:].mean() - 2.0 * k[:n, n:].mean()
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

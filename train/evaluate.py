@@ -5,6 +5,8 @@
   G_d is confused — what DANN aims for; ≈ 1.0 means the features still separate the domains.
 - ``pad``: proxy A-distance 2(1 − 2ε), ε the held-out error of a *fresh* linear domain classifier on
   frozen features (Ben-David et al. 2007; DANN paper §5): 0 = aligned, 2 = separable.
+- ``mmd``: MK-MMD² (:func:`train.dann.mk_mmd`) between up to 1,000 source and 1,000 target features, the
+  distance ``--mmd-weight`` minimises; 0 = the same distribution (logged whether or not it is trained on).
 - ``im``, ``target_entropy``, ``snd``, ``dev_risk``: label-free validators (:mod:`train.validators`); the
   one ``--select`` names picks ``best.pt`` when the target is unlabelled.
 """
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from train import validators
+from train.dann import mk_mmd
 from train.data import Dataset
 from train.models import shipped_domain_logit
 
@@ -71,6 +74,13 @@ def proxy_a_distance(f_source: np.ndarray, f_target: np.ndarray, seed: int = 0, 
     return float(2.0 * (1.0 - 2.0 * min(err, 0.5)))
 
 
+def feature_mmd(f_source: np.ndarray, f_target: np.ndarray, seed: int = 0, n: int = 1000) -> float:
+    """MK-MMD² between random subsets of ``n`` source and ``n`` target feature rows."""
+    rng = np.random.default_rng(seed)
+    pick = lambda f: torch.from_numpy(f[rng.choice(len(f), min(n, len(f)), replace=False)])  # noqa: E731
+    return float(mk_mmd(pick(f_source), pick(f_target)))
+
+
 def _balanced_domain_acc(p_source: np.ndarray, p_target: np.ndarray) -> float:
     n = min(len(p_source), len(p_target))
     return float(((p_source[:n] < 0.5).mean() + (p_target[:n] >= 0.5).mean()) / 2)
@@ -94,6 +104,7 @@ def evaluate(model, source: Dataset, target: Dataset, device: torch.device, seed
         "im": information_maximization(pt),
         "target_entropy": validators.mean_entropy(pt),
         "pad": proxy_a_distance(fs, ft, seed),
+        "mmd": feature_mmd(fs, ft, seed),
         **validators.scores(pt, ps, source.labels, fs, ft, seed),
     }
     if target.labels is not None:

@@ -3,7 +3,7 @@
 One step draws B source and B target images, runs them through the network in *one* concatenated
 batch (so BatchNorm sees both domains together; ``--bn-per-domain``: as two batches), and minimises
 
-    CE(source logits, source labels) + domain_loss(G_d(R_λ(f)))     (see train/dann.py)
+    CE(source logits, source labels) + domain_loss(G_d(R_λ(f))) [+ w · MK-MMD²(f_s, f_t)]   (train/dann.py)
 
 With k sources (``--source`` repeated) a step draws B images from each, then B target images: ``dann``
 and ``source-only`` treat the k·B source rows as one source (each source equally often); ``mdan`` adds
@@ -32,10 +32,12 @@ from threadpoolctl import threadpool_limits
 
 from train import checkpoint as ckpt_io
 from train.config import TrainConfig
-from train.dann import dann_lambda, domain_loss, entropy_weights, lr_factor, mdan_loss, tail_factor
+from train.dann import (dann_lambda, domain_loss, entropy_weights, lr_factor, mdan_loss, mk_mmd, tail_factor,
+                        warmup_factor)
 from train.data import Dataset, holdout_split, load
 from train.ema import EMA, refresh_bn
 from train.evaluate import accuracy, diagnose, evaluate, predict
+from train.vada import vada_loss
 from train.validators import score as validator_score
 from train.models import ARCH_INPUT, build_model
 
@@ -153,7 +155,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     S = len(data["sources"])
     torch.manual_seed(cfg.seed + rank)
     # DDP broadcasts rank 0's weights
-    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn, n_sources=S)
+    model, arch = build_model(cfg.arch, len(classes), cfg.method, cfg.pretrained, cfg.disc_bn, n_sources=S,
+                              input_norm=cfg.input_norm)
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D conv weights only; the math is unchanged
@@ -175,7 +178,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
             "input_spec": arch.input_spec.to_dict(), "source": cfg.source_name, "sources": cfg.sources,
             "target": cfg.target,
-            "target_holdout": cfg.target_holdout, "disc_bn": cfg.disc_bn}
+            "target_holdout": cfg.target_holdout, "disc_bn": cfg.disc_bn, "input_norm": cfg.input_norm}
 
     start, best, history = 0, None, []
     ckdir = out / "checkpoints"
@@ -247,6 +250,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source_name}→{cfg.target}",
                disable=not (main and progress), unit="step", dynamic_ncols=True, mininterval=1.0)
     acc_sum = torch.zeros(4, device=device)  # loss_cls, loss_domain, batch source acc, batch domain acc
+    aux_sum: dict[str, torch.Tensor] = {}  # the optional terms' values: loss_mmd, grad_norm, clipped, loss_vat_t, ...
     per_sum = torch.zeros(S, 4, device=device)  # each source's class loss, batch acc, domain acc, weight
     acc_n = 0
     n_src = S * B  # source rows at the front of each step's batch, B per source, then B target rows
@@ -257,7 +261,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         p = step / cfg.steps
         lam = 0.0 if cfg.method == "source-only" else cfg.lambda_max * dann_lambda(p, cfg.gamma)
         lr_now = cfg.lr * (lr_factor(p, cfg.lr_alpha, cfg.lr_beta) if cfg.lr_schedule else 1.0)
-        lr_now *= tail_factor(p, cfg.lr_decay_tail)
+        lr_now *= tail_factor(p, cfg.lr_decay_tail) * warmup_factor(step, cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_mult"]
 
@@ -269,7 +273,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         y = torch.cat([ys[i] for ys, i in zip(ys_all, idx)]).to(device, non_blocking=True)
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits, _, d = net(x, lam, B if cfg.bn_per_domain else None)
+            logits, f, d = net(x, lam, B if cfg.bn_per_domain else None)
             ce = F.cross_entropy(logits[:n_src].float(), y, reduction="none").view(S, B).mean(1) \
                 if per_source else None  # (S,): each source's class loss
             if cfg.method == "mdan":  # column 0: G_d on detached features; column 1+i: source i's G_d^i
@@ -284,8 +288,21 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                 weights = entropy_weights(logits.float().softmax(1), n_src) if cfg.method == "cdan-e" else None
                 loss_dom = domain_loss(d, n_src, weights)
                 loss, d_ship, w = loss_cls + loss_dom, d, torch.full((S,), 1.0 / S, device=d.device)
+            aux = {}
+            if cfg.mmd_weight > 0:
+                aux["loss_mmd"] = mk_mmd(f[:n_src], f[n_src:])
+                loss = loss + cfg.mmd_weight * aux["loss_mmd"]
+            if cfg.method == "vada":
+                extra, terms = vada_loss(model, x, logits, n_src, cfg.vada_source_weight, cfg.vada_target_weight,
+                                         cfg.vat_radius)
+                loss = loss + extra
+                aux.update(terms)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(opt)  # clip the true gradient, not the fp16-scaled one
+            aux["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            aux["clipped"] = (aux["grad_norm"] > cfg.grad_clip).float()
         scaler.step(opt)
         scaler.update()
         if ema is not None:
@@ -296,6 +313,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             dom_correct = balanced(d_ship[:n_src], d_ship[n_src:])  # balanced: k·B source rows vs B target rows
             hit = (logits[:n_src].argmax(1) == y).float().view(S, B).mean(1)
             acc_sum += torch.stack([loss_cls.detach(), loss_dom.detach(), hit.mean(), dom_correct])
+            for k, v in aux.items():
+                aux_sum[k] = aux_sum.get(k, 0.0) + v.detach().float()
             if per_source:
                 d_src = d[:, 1:] if cfg.method == "mdan" else d_ship.unsqueeze(1).expand(-1, S)
                 dacc = torch.stack([balanced(d_src[i * B:(i + 1) * B, i], d_src[n_src:, i]) for i in range(S)])
@@ -307,6 +326,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             rec = {"kind": "train", "step": done, "lr": lr_now, "lambda": lam, "loss_cls": lc,
                    "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
                    "images_per_s": images_seen / (time.perf_counter() - t0 - eval_time)}
+            # means over the interval; grad_norm is before clipping, clipped the fraction of steps clipped
+            rec.update({k: float(v) / acc_n for k, v in aux_sum.items()})
             if per_source:  # domain_acc: source i vs target by G_d^i (mdan) or the one G_d
                 rec["per_source"] = {name: dict(zip(("loss_cls", "batch_acc", "domain_acc", "weight"), v))
                                      for name, v in zip(cfg.sources, (per_sum / acc_n).tolist())}
@@ -314,6 +335,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             bar.set_postfix(cls=f"{lc:.3f}", dom=f"{ld:.3f}", src=f"{sa:.2f}", d_acc=f"{da:.2f}", λ=f"{lam:.2f}")
             acc_sum.zero_()
             per_sum.zero_()
+            aux_sum.clear()
             acc_n = 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
             if main:

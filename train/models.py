@@ -15,6 +15,9 @@ Export keeps ``normalize → G_f → G_y`` (:meth:`DANN.inference_module`) and d
 
 Architectures (``--arch``):
 
+``--input-norm instance`` replaces the fixed normalisation by a per-image one (:class:`Normalize`), in
+the exported graph too.
+
 - ``dann_mnist``: the DANN paper's MNIST→MNIST-M CNN (conv 32 5×5 → pool → conv 48 5×5 → pool;
   G_y fc 100-100-K; G_d fc 100-1), input 32×32×3.
 - ``dann_mnist_bn``: the same shape with BatchNorm and dropout and 64/50 channels (the
@@ -40,20 +43,29 @@ from torch import nn
 from service.preprocess import InputSpec
 from train.dann import grad_reverse
 
+INPUT_NORMS = ("dataset", "instance")
 DIGIT_MEAN, DIGIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
-    """uint8 (N,H,W,C) → float (N,C,H,W), ``(x/255 − mean)/std``. Exported into the ONNX graph."""
+    """uint8 (N,H,W,C) → float (N,C,H,W), ``(x/255 − mean)/std``. Exported into the ONNX graph.
 
-    def __init__(self, mean, std):
+    ``instance=True`` (``--input-norm instance``, Shu et al. 2018): each image and channel to mean 0 and
+    std 1 instead, ``(x − mean_hw(x)) / sqrt(var_hw(x) + 1e-5)`` on x/255 — brightness, contrast and colour
+    cast are gone before G_f sees the image (a flat image becomes 0)."""
+
+    def __init__(self, mean, std, instance: bool = False):
         super().__init__()
+        self.instance = instance
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float().div(255.0)
+        if self.instance:
+            mu = x.mean((2, 3), keepdim=True)
+            return (x - mu) / ((x - mu).pow(2).mean((2, 3), keepdim=True) + 1e-5).sqrt()
         return (x - self.mean) / self.std
 
 
@@ -195,9 +207,12 @@ def _mlp(dims: list[int], bn: bool = False, dropout: float = 0.0) -> nn.Sequenti
 
 
 def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: str | None = None,
-                disc_bn: bool = False, n_sources: int = 1) -> tuple[DANN, Arch]:
+                disc_bn: bool = False, n_sources: int = 1, input_norm: str = "dataset") -> tuple[DANN, Arch]:
     """Build ``arch`` for ``num_classes``; ``method`` in cdan/cdan-e makes G_d conditional; ``disc_bn``
-    puts BatchNorm in G_d's hidden layers; ``mdan`` adds one G_d^i per source (``n_sources`` of them)."""
+    puts BatchNorm in G_d's hidden layers; ``mdan`` adds one G_d^i per source (``n_sources`` of them);
+    ``input_norm``: ``dataset`` (fixed mean/std) or ``instance`` (per image, :class:`Normalize`)."""
+    if input_norm not in INPUT_NORMS:
+        raise ValueError(f"unknown input normalisation {input_norm!r}; choose from {', '.join(INPUT_NORMS)}")
     if arch not in ARCH_INPUT:
         raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCH_INPUT)}")
     spec = ARCH_INPUT[arch]
@@ -230,7 +245,7 @@ def build_model(arch: str, num_classes: int, method: str = "dann", pretrained: s
     make_disc = lambda: DomainDiscriminator(dim, hidden, depth, num_classes, conditional, bn=disc_bn)  # noqa: E731
     disc = make_disc()
     per_source = [make_disc() for _ in range(n_sources)] if method == "mdan" else []
-    return DANN(Normalize(mean, std), features, classifier, disc, per_source), Arch(arch, spec, backbone_prefix)
+    return DANN(Normalize(mean, std, input_norm == "instance"), features, classifier, disc, per_source), Arch(arch, spec, backbone_prefix)
 
 
 def _resnet(arch: str, pretrained: str | None) -> tuple[nn.Module, int]:

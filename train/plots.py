@@ -38,6 +38,8 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
         s = [r["step"] for r in train]
         ax.plot(s, [r["loss_cls"] for r in train], label="source classification")
         ax.plot(s, [r["loss_domain"] for r in train], label="domain (G_d)")
+        if "loss_mmd" in train[0]:
+            ax.plot(s, [r["loss_mmd"] for r in train], label="MK-MMD² (source vs target features)")
         ax.axhline(2 * np.log(2), ls=":", c="grey", label="domain loss at chance (2 ln 2)")
     ax.set(title="training losses", xlabel="step")
     ax.legend(fontsize=8)
@@ -55,13 +57,17 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
     ax = axes[1, 0]
     if train:
         ax.plot(s := [r["step"] for r in train], [r["lambda"] for r in train], label="λ (GRL coefficient)")
-        ax.plot(s, [r["lr"] / train[0]["lr"] for r in train], label="lr / lr₀")
+        ax.plot(s, [r["lr"] / max(r["lr"] for r in train) for r in train], label="lr / its peak")
+        if "clipped" in train[0]:  # --grad-clip
+            ax.plot(s, [r["clipped"] for r in train], label="fraction of steps with the gradient clipped")
     ax.set(title="schedules", xlabel="step")
     ax.legend(fontsize=8)
     ax = axes[1, 1]
     if evals:
         s = [r["step"] for r in evals]
         ax.plot(s, [r["pad"] for r in evals], marker="o", ms=3, label="proxy A-distance (0 aligned, 2 apart)")
+        if "mmd" in evals[0]:  # runs before the MMD metric have none
+            ax.plot(s, [r["mmd"] for r in evals], marker="o", ms=3, label="feature MK-MMD² (0 aligned)")
         ax.plot(s, [r["im"] for r in evals], marker="o", ms=3, label="IM score on target (nats)")
     ax.set(title="alignment and label-free score", xlabel="step")
     ax.legend(fontsize=8)
