@@ -53,7 +53,7 @@ from scipy.stats import binomtest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service import drift  # noqa: E402
+from adaptserve.service import drift  # noqa: E402
 
 
 
@@ -66,7 +66,7 @@ def rate(alarms: np.ndarray) -> str:
 def old_build(outputs: dict, groups=None, alpha: float = 0.01, n_bootstrap: int = 1000, seed: int = 0):
     """The calibration of adaptserve up to session 5: W = min(200, n_cal), bootstrap windows drawn *with*
     replacement (duplicates left out of the window's own MMD term), KS tests at exactly α/3."""
-    from export import reference as ref_mod
+    from adaptserve.export import reference as ref_mod
 
     n = len(outputs["p_target"])
     ref_idx, cal_idx = ref_mod.split_pools(n, seed, groups)
@@ -96,7 +96,7 @@ def old_build(outputs: dict, groups=None, alpha: float = 0.01, n_bootstrap: int 
 def new_build(outputs: dict, groups=None, seed: int = 0):
     import tempfile
 
-    from export import reference as ref_mod
+    from adaptserve.export import reference as ref_mod
 
     arrays, settings = ref_mod.build(outputs, groups=groups, seed=seed)
     with tempfile.TemporaryDirectory() as d:
@@ -118,7 +118,7 @@ def check_windows(ref: drift.DriftReference, pool: dict, n_windows: int, rng) ->
 def torch_outputs(model, images: np.ndarray) -> dict:
     import torch
 
-    from train.evaluate import predict
+    from adaptserve.train.evaluate import predict
 
     probs, feats, p_t = predict(model, images, torch.device("cpu"))
     return {"probabilities": probs, "features": feats, "p_target": p_t}
@@ -127,9 +127,9 @@ def torch_outputs(model, images: np.ndarray) -> dict:
 def sizes_mode(args) -> list[dict]:
     import torch
 
-    from service.preprocess import InputSpec
-    from train import checkpoint as ckpt_io
-    from train.data import holdout_split, load
+    from adaptserve.service.preprocess import InputSpec
+    from adaptserve.train import checkpoint as ckpt_io
+    from adaptserve.train.data import holdout_split, load
 
     torch.set_num_threads(args.threads)
     rows = []
@@ -186,8 +186,8 @@ def sizes_mode(args) -> list[dict]:
 
 
 def demo_mode(args) -> list[dict]:
-    from service.runtime import Model
-    from train.data import demo_domain
+    from adaptserve.service.runtime import Model
+    from adaptserve.train.data import demo_domain
 
     model = Model.open(args.model)
     ref = model.drift_reference

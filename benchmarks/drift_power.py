@@ -44,8 +44,8 @@ from scipy.stats import binomtest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service import drift  # noqa: E402
-from service.runtime import Model  # noqa: E402
+from adaptserve.service import drift  # noqa: E402
+from adaptserve.service.runtime import Model  # noqa: E402
 
 COLUMNS = (*drift.TESTS, "drift")
 
@@ -54,7 +54,7 @@ def export_model(run: Path, out: Path) -> None:
     """``adaptserve export RUN --out OUT`` into a throw-away BentoML store."""
     with tempfile.TemporaryDirectory() as home:
         env = {**os.environ, "BENTOML_HOME": home}
-        subprocess.run([sys.executable, str(ROOT / "adaptserve.py"), "export", str(run), "--out", str(out),
+        subprocess.run([sys.executable, "-m", "adaptserve", "export", str(run), "--out", str(out),
                         "--name", "drift-power"], check=True, env=env)
 
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write all results here")
     args = ap.parse_args(argv)
-    from train.data import load  # numpy-only loaders of the named datasets
+    from adaptserve.train.data import load  # numpy-only loaders of the named datasets
 
     if not args.model.exists():
         export_model(args.run, args.model)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train.loop  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.evaluate import TrainingDiverged, diagnose  # noqa: E402
-from train.plots import plot_curves, read_metrics  # noqa: E402
+from adaptserve.train import loop as train_loop  # noqa: E402
+from adaptserve.train.config import TrainConfig  # noqa: E402
+from adaptserve.train.evaluate import TrainingDiverged, diagnose  # noqa: E402
+from adaptserve.train.plots import plot_curves, read_metrics  # noqa: E402
 
 # The settings these cases were measured with (docs/troubleshooting.md): the paper CNN with SGD on the demo
-# pair, λ capped at 0.5 — the demo's settings (adaptserve_demo.DEMO_TRAIN) when they were measured.
+# pair, λ capped at 0.5 — the demo's settings (adaptserve.demo.DEMO_TRAIN) when they were measured.
 DEMO_ARCH, DEMO_LAMBDA_MAX = "dann_mnist", 0.5
 
 CASES = {
@@ -53,7 +53,7 @@ def main() -> None:
                 print(line(case, args.out / case))
         return
     args.figures.mkdir(parents=True, exist_ok=True)
-    original = train.loop.dann_lambda
+    original = train_loop.dann_lambda
     for case in args.cases:
         out = args.out / case
         if out.exists():
@@ -62,17 +62,17 @@ def main() -> None:
         handler = logging.FileHandler(out / "train.log")  # the diagnostics warnings land here
         logging.getLogger().addHandler(handler)
         logging.getLogger().setLevel(logging.INFO)
-        train.loop.dann_lambda = (lambda p, g: -original(p, g)) if case == "grl-sign-flipped" else original
+        train_loop.dann_lambda = (lambda p, g: -original(p, g)) if case == "grl-sign-flipped" else original
         cfg = TrainConfig(arch=DEMO_ARCH, steps=args.steps, seed=args.seed, threads=1, tsne=False,
                           **CASES[case])
         try:
-            train.loop.run(cfg, out, progress=False)
+            train_loop.run(cfg, out, progress=False)
         except TrainingDiverged as e:  # the run stops itself; plot what it logged up to there
             (out / "diverged.txt").write_text(str(e))
             plot_curves(out / "metrics.jsonl", out / "curves.png", f"{case} (diverged)")
         finally:
             logging.getLogger().removeHandler(handler)
-            train.loop.dann_lambda = original
+            train_loop.dann_lambda = original
         shutil.copy(out / "curves.png", args.figures / f"failure-{case}.png")
         print(line(case, out), flush=True)
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.config import TrainConfig  # noqa: E402
-from train.loop import run  # noqa: E402
+from adaptserve.train.config import TrainConfig  # noqa: E402
+from adaptserve.train.loop import run  # noqa: E402
 
 DOMAINS = ("mnist", "mnist_m", "usps")
 COLUMNS = ("single", "combined-so", "combined-dann", "mdan-soft", "mdan-hard")

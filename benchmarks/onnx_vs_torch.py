@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.onnx_export import _Classifier, export_graphs  # noqa: E402
-from service.runtime import session  # noqa: E402
-from train import checkpoint as ckpt_io  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
-from train.models import build_model  # noqa: E402
+from adaptserve.export.onnx_export import _Classifier, export_graphs  # noqa: E402
+from adaptserve.service.runtime import session  # noqa: E402
+from adaptserve.train import checkpoint as ckpt_io  # noqa: E402
+from adaptserve.train.checkpoint import load_model  # noqa: E402
+from adaptserve.train.models import build_model  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 def make_inputs(model: Path, sizes: list[int], pngs: int, tmp: Path, data_dir: str) -> dict[str, Path]:
     from PIL import Image
 
-    from service.preprocess import InputSpec
-    from train.data import load
+    from adaptserve.service.preprocess import InputSpec
+    from adaptserve.train.data import load
 
     spec = InputSpec.from_dict(json.loads((model / "manifest.json").read_text())["input_spec"])
     tmp.mkdir(parents=True, exist_ok=True)
@@ -59,8 +59,8 @@ def make_inputs(model: Path, sizes: list[int], pngs: int, tmp: Path, data_dir: s
 
 def run(engine: str, model: Path, path: Path, out: Path, batch_size: int, ray_batch_size: int, threads: int) -> dict:
     """One scoring run, as ``adaptserve score`` does it (``--engine local`` or ``ray --workers N``)."""
-    from service.score import score
-    from service.score_ray import score_ray
+    from adaptserve.service.score import score
+    from adaptserve.service.score_ray import score_ray
 
     if engine == "local":
         return score(model, path, out, batch_size=batch_size, threads=threads, progress=False)

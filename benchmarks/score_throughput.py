@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import adaptserve  # noqa: E402
-from service.runtime import session  # noqa: E402
+from adaptserve.service.runtime import session  # noqa: E402
 
 
 def make_array(path: Path, n: int, data_dir) -> None:
-    from train.data import load
-    from service.preprocess import InputSpec
+    from adaptserve.train.data import load
+    from adaptserve.service.preprocess import InputSpec
 
     images = load("mnist_m:train", InputSpec(32, 32, 3), data_root=data_dir).images
     if len(images) < n:
@@ -78,8 +78,8 @@ def run_raw(model: Path, array: Path, batch: int, threads: int) -> float:
 
 
 def cost(model_dir: Path, array: Path, windows: int = 20) -> None:
-    from service.drift import ks_columns, one_blas_thread
-    from service.runtime import Model
+    from adaptserve.service.drift import ks_columns, one_blas_thread
+    from adaptserve.service.runtime import Model
 
     model = Model.open(model_dir, device="cpu", threads=1)
     ref, classifier, disc = model.drift_reference, *model._sessions

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.validators import score  # noqa: E402
+from adaptserve.train.validators import score  # noqa: E402
 
 SELECTORS = ("last", "im", "entropy", "snd", "dev")
 

@@ -54,7 +54,7 @@ async def main(model: str, data_root: str) -> None:
     import numpy as np
     import orjson
 
-    import service.service as S
+    import adaptserve.service.service as S
 
     app = S.AdaptService.to_asgi()
     started = asyncio.Event()
@@ -72,8 +72,8 @@ async def main(model: str, data_root: str) -> None:
                                    lifespan_receive, lifespan_send))
     await started.wait()
     svc = S.bentoml.get_current_service()
-    from service.http import dumps, parse_images
-    from service.preprocess import to_input_spec
+    from adaptserve.service.http import dumps, parse_images
+    from adaptserve.service.preprocess import to_input_spec
 
     with lzma.open(Path(data_root) / "mnist_m" / "mnist_m_test_images.npy.xz") as f:
         x = to_input_spec(np.load(f)[:64], svc.spec)

@@ -7,7 +7,7 @@ MODEL_FOLDER is an exported model (``adaptserve export RUN_DIR --out MODEL_FOLDE
 once on 127.0.0.1 (free ports), each with one process and one ONNX Runtime thread:
 
 - ``bare``      — benchmarks/bare_server.py: Starlette + uvicorn + one session of the same model.onnx;
-- ``service``   — ``bentoml serve service.service:AdaptService`` as shipped (drift checks on, batching off);
+- ``service``   — ``bentoml serve adaptserve.service.service:AdaptService`` as shipped (drift checks on, batching off);
 - ``no-drift``  — the same with ``ADAPTSERVE_DRIFT=off``;
 - ``batching``  — the same with ``ADAPTSERVE_BATCHING=on`` (BentoML adaptive batching in a Batcher service);
 - ``no-access-log`` — the shipped service with BentoML's per-request access log switched off;
@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.launch import ServeProcess, free_port  # noqa: E402
+from adaptserve.service.launch import ServeProcess, free_port  # noqa: E402
 KINDS = {
     "bare": {},
     "service": {},
@@ -176,7 +176,7 @@ def mnist_m_test(data_root: str) -> np.ndarray:
 
 def in_input_spec(images: np.ndarray, model: Path) -> np.ndarray:
     """The images at the model's input size (raw arrays of another size are a 400 by the service's contract)."""
-    from service.preprocess import InputSpec, to_input_spec
+    from adaptserve.service.preprocess import InputSpec, to_input_spec
 
     spec = InputSpec.from_dict(json.loads((model / "manifest.json").read_text())["input_spec"])
     return to_input_spec(images, spec)

@@ -41,8 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.launch import ServeProcess  # noqa: E402
-from service.runtime import read_manifest, resolve  # noqa: E402
+from adaptserve.service.launch import ServeProcess  # noqa: E402
+from adaptserve.service.runtime import read_manifest, resolve  # noqa: E402
 
 MAX_BYTES, MAX_IMAGES = 1 << 20, 64
 

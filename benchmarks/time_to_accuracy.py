@@ -43,15 +43,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_throughput import BATCH, PngItems, reference_datasets, reference_steps  # noqa: E402
 
-from service.preprocess import InputSpec  # noqa: E402
-from train.data import load  # noqa: E402
+from adaptserve.service.preprocess import InputSpec  # noqa: E402
+from adaptserve.train.data import load  # noqa: E402
 
 
 def ours(data_dir: str, target: float, eval_every: int, threads: int, seed: int, steps: int) -> dict:
     """``adaptserve train`` with its defaults (and ``steps``) in a subprocess, stopped at the first eval ≥ ``target``."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        cmd = [sys.executable, str(ROOT / "adaptserve.py"), "train", "--source", "mnist", "--target", "mnist_m",
+        cmd = [sys.executable, "-m", "adaptserve", "train", "--source", "mnist", "--target", "mnist_m",
                "--seed", str(seed), "--steps", str(steps), "--threads", str(threads), "--eval-every", str(eval_every), "--no-tsne",
                "--data-dir", data_dir, "--out", str(out)]
         log = open(Path(tmp) / "train.log", "w")

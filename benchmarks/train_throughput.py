@@ -46,10 +46,10 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.preprocess import InputSpec  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import load  # noqa: E402
-from train.loop import run  # noqa: E402
+from adaptserve.service.preprocess import InputSpec  # noqa: E402
+from adaptserve.train.config import TrainConfig  # noqa: E402
+from adaptserve.train.data import load  # noqa: E402
+from adaptserve.train.loop import run  # noqa: E402
 
 BATCH = 128
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime import FILES, FORMAT, MANIFEST, Model, run_graphs, session, sha256_file
+from adaptserve.service.runtime import FILES, FORMAT, MANIFEST, Model, run_graphs, session, sha256_file
 
 log = logging.getLogger("adaptserve.export")
 
@@ -68,10 +68,10 @@ def _ort_outputs(folder: Path, images: np.ndarray) -> dict:
 def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str | None = None,
           data_dir: str | None = None, n_bootstrap: int | None = None) -> dict:
     """Write the model files and ``manifest.json`` into the empty folder ``work``; return the manifest."""
-    from export import reference as ref_mod
-    from export.onnx_export import OPSET, PARITY_MAX, check_parity, export_graphs, torch_outputs
-    from service.preprocess import InputSpec
-    from train import checkpoint as ckpt_io
+    from adaptserve.export import reference as ref_mod
+    from adaptserve.export.onnx_export import OPSET, PARITY_MAX, check_parity, export_graphs, torch_outputs
+    from adaptserve.service.preprocess import InputSpec
+    from adaptserve.train import checkpoint as ckpt_io
 
     t0 = time.perf_counter()
     ckpt_path = ckpt_io.find(run_dir, checkpoint)
@@ -134,7 +134,7 @@ def build(run_dir: Path, work: Path, *, checkpoint: str = "best", reference: str
 
 
 def _overlaps(spec: str, used: list) -> bool:
-    from train.data import DataError, parse_spec
+    from adaptserve.train.data import DataError, parse_spec
 
     try:
         return parse_spec(spec) in {parse_spec(u) for u in used if u}

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from train.models import shipped_domain_logit
+from adaptserve.train.models import shipped_domain_logit
 
 
 OPSET = 18

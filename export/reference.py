@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service import drift
+from adaptserve.service import drift
 
 WINDOW, ALPHA, N_BOOTSTRAP, PCA_DIMS, SEED = 200, 0.01, 1000, 10, 0
 MIN_WINDOW = 50  # below this the export warns: too few held-out images for useful drift tests
@@ -54,7 +54,7 @@ def reference_images(meta: dict, input_spec, spec: str | None, data_root=None
     """Return (description, uint8 images in ``input_spec``, groups or None) of the reference; raise ValueError
     if unusable. ``groups`` labels near-copies (the demo's augmented copies of one digit) that must stay on
     one side of the reference / calibration split."""
-    from train.data import DataError, holdout_split, load
+    from adaptserve.train.data import DataError, holdout_split, load
 
     if spec:
         data = load(spec, input_spec, data_root=data_root, classes=meta["classes"], labels_optional=True)

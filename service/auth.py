@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 
-from service.http import error_response
+from adaptserve.service.http import error_response
 
 # Routes that stay open when ADAPTSERVE_API_KEY is set (health, metrics, API description, BentoML's UI).
 OPEN_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/docs", "/docs.json", "/schema.json", "/",

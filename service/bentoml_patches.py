@@ -1,7 +1,7 @@
 """Workarounds for BentoML behaviour, each applied by one explicit call and each with a test
 (tests/test_service.py) that fails when BentoML changes what it works around.
 
-    from service import bentoml_patches
+    from adaptserve.service import bentoml_patches
     bentoml_patches.apply()        # before BentoML builds the app (service/service.py does it at import)
 """
 

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from service.preprocess import ImageError, ImageTooLarge, decode_image, image_pixels, to_input_spec
+from adaptserve.service.preprocess import ImageError, ImageTooLarge, decode_image, image_pixels, to_input_spec
 
 log = logging.getLogger("adaptserve.service")
 

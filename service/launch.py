@@ -50,11 +50,12 @@ def private_home(shared: str, home: Path) -> str:
 
 
 class ServeProcess:
-    """``bentoml serve service.service:AdaptService`` for model ``model`` (store tag or folder)."""
+    """``bentoml serve adaptserve.service.service:AdaptService`` for model ``model`` (store tag or folder)."""
 
-    def __init__(self, model: str, log: Path, port: int | None = None, argv: list[str] | None = None, **env: object):
+    def __init__(self, model: str, log: Path, port: int | None = None, argv: list[str] | None = None,
+                 cwd: Path = ROOT, **env: object):
         """``argv``: another server command to run instead (e.g. a benchmark's baseline); ``{port}`` in it is
-        replaced by the port."""
+        replaced by the port. ``cwd``: the directory it runs in (a user's project, say; default the repo)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(log)
@@ -67,11 +68,11 @@ class ServeProcess:
         if argv is None:
             bentoml_cli = Path(sys.executable).parent / "bentoml"
             argv = [str(bentoml_cli)] if bentoml_cli.exists() else [sys.executable, "-m", "bentoml"]
-            argv += ["serve", "service.service:AdaptService", "--host", "127.0.0.1", "--port", "{port}"]
+            argv += ["serve", "adaptserve.service.service:AdaptService", "--host", "127.0.0.1", "--port", "{port}"]
         self._log = open(self.log, "wb")
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen([a.replace("{port}", str(self.port)) for a in argv],
-                                     cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float = 60.0) -> float:

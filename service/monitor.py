@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from service.drift import WindowBuffer
+from adaptserve.service.drift import WindowBuffer
 
 log = logging.getLogger("adaptserve.service")
 

@@ -28,8 +28,8 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from service.http import HTTPError, dumps, loads, read_body
-from service.preprocess import ImageError, InputSpec, conform
+from adaptserve.service.http import HTTPError, dumps, loads, read_body
+from adaptserve.service.preprocess import ImageError, InputSpec, conform
 
 HEADER = "inference-header-content-length"
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,

@@ -1,6 +1,6 @@
 """Run an exported adaptserve model with ONNX Runtime — no torch (the service and the scorer use this).
 
-    from service.runtime import Model
+    from adaptserve.service.runtime import Model
     model = Model.open("adaptserve-dann:latest")   # BentoML store tag, or a folder from `export --out`
     pred = model.predict(images)                    # uint8 (N,H,W,C), any size/channels → resized/converted
     pred.labels, pred.probabilities, pred.features, pred.p_target
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import ImageError, InputSpec, to_input_spec
+from adaptserve.service.preprocess import ImageError, InputSpec, to_input_spec
 
 MANIFEST = "manifest.json"
 FORMAT = "adaptserve-model/1"
@@ -221,7 +221,7 @@ class Model:
     def drift_reference(self):
         """The :class:`service.drift.DriftReference` of this model (loaded on first use)."""
         if self._drift is None:
-            from service.drift import DriftReference
+            from adaptserve.service.drift import DriftReference
 
             self._drift = DriftReference.load(self.path / "drift_reference.npz")
         return self._drift

@@ -40,8 +40,8 @@ from typing import Iterator
 import numpy as np
 from scipy.stats import binom
 
-from service.drift import TESTS, WindowBuffer
-from service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe_conversion, to_input_spec
+from adaptserve.service.drift import TESTS, WindowBuffer
+from adaptserve.service.preprocess import DEFAULT_MAX_PIXELS, ImageError, decode_image, describe_conversion, to_input_spec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -409,7 +409,7 @@ def score(model_source, input_path, out, *, batch_size: int = DEFAULT_BATCH, pro
     with more pixels (read from its header) is an error row, not decoded (default ``ADAPTSERVE_MAX_PIXELS``
     or 4096 × 4096). Arrays whose images are not the input spec are converted (``.npy`` at its own size is
     data, like a folder of images); the conversion is said once on stderr and in the drift report."""
-    from service.runtime import Model
+    from adaptserve.service.runtime import Model
 
     out = check_out(out, batch_size)
     t0 = time.perf_counter()

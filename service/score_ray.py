@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.score import (Batch, ScoreError, check_out, decode_files, default_max_pixels, describe_conversion,
+from adaptserve.service.score import (Batch, ScoreError, check_out, decode_files, default_max_pixels, describe_conversion,
                            list_folder, open_arrays, read_file, score_batch, write_results)
 
 RAY_BATCH = 1024  # images per Ray task; at 256 the per-task overhead cost 20 % (docs/benchmarks.md §10)
@@ -47,7 +47,7 @@ CRASH_ONCE = "ADAPTSERVE_RAY_CRASH_ONCE"  # fault injection for the tests: a pat
 
 def model_files(folder: Path) -> dict[str, bytes]:
     """The manifest and every file it lists, as bytes (what an actor needs to open the model anywhere)."""
-    from service.runtime import MANIFEST, read_manifest
+    from adaptserve.service.runtime import MANIFEST, read_manifest
 
     manifest = read_manifest(folder)
     return {name: (folder / name).read_bytes() for name in [MANIFEST, *manifest["files"]]}
@@ -60,7 +60,7 @@ class Scorer:
                  max_pixels: int, threads: int, device: str, drift: bool, crash_once: str | None = None):
         import ray
 
-        from service.runtime import Model
+        from adaptserve.service.runtime import Model
 
         self.dir = tempfile.TemporaryDirectory(prefix="adaptserve-actor-")
         files = ray.get(files_ref[0])  # wrapped in a list: Ray passes the ref itself, not its value
@@ -172,7 +172,7 @@ def score_ray(model_source, input_path, out, *, address: str | None = None, work
         import ray
     except ImportError:
         raise ScoreError("--engine ray needs Ray: pip install 'adaptserve[ray]'") from None
-    from service.runtime import Model
+    from adaptserve.service.runtime import Model
 
     if workers < 1:
         raise ScoreError("--workers must be at least 1")

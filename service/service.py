@@ -48,14 +48,14 @@ from fastapi import FastAPI, Request  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from starlette.concurrency import run_in_threadpool  # noqa: E402
 
-from service import bentoml_patches, http, oip  # noqa: E402
-from service.auth import ApiKeyMiddleware  # noqa: E402
-from service.http import (NPY_TYPES, BodyLimit, HTTPError, as_batch, decode_uploads, error_response,  # noqa: E402
+from adaptserve.service import bentoml_patches, http, oip  # noqa: E402
+from adaptserve.service.auth import ApiKeyMiddleware  # noqa: E402
+from adaptserve.service.http import (NPY_TYPES, BodyLimit, HTTPError, as_batch, decode_uploads, error_response,  # noqa: E402
                           guarded, json_response, parse_images, parse_uploads, query_flag, read_body, tune_gc)
-from service.monitor import DriftMonitor  # noqa: E402
-from service.preprocess import ImageError, conform  # noqa: E402
-from service.runtime import Model  # noqa: E402
-from service.settings import Settings, bundled_model_tag  # noqa: E402
+from adaptserve.service.monitor import DriftMonitor  # noqa: E402
+from adaptserve.service.preprocess import ImageError, conform  # noqa: E402
+from adaptserve.service.runtime import Model  # noqa: E402
+from adaptserve.service.settings import Settings, bundled_model_tag  # noqa: E402
 
 log = logging.getLogger("adaptserve.service")
 
@@ -70,7 +70,7 @@ def refuse_a_tampered_model(source: str) -> None:
     """``bentoml serve`` and ``bentoml build`` import this module before any worker starts: a model whose files
     do not match its manifest stops them here with the IntegrityError (a sha256 of a few MB), instead of
     workers that fail and are restarted forever. A model that is not in the store is left to BentoML."""
-    from service.runtime import resolve, verify
+    from adaptserve.service.runtime import resolve, verify
 
     try:
         folder, _ = resolve(source)

@@ -132,7 +132,7 @@ class Settings:
         if gpu is None:
             gpu = False
             if raw_batching.strip().lower() in ("", "auto") and device != "cpu":
-                from service.runtime import providers
+                from adaptserve.service.runtime import providers
 
                 gpu = "CUDAExecutionProvider" in providers("auto")  # onnxruntime *and* a CUDA device
         max_pixels = _int(env, "ADAPTSERVE_MAX_PIXELS", cls.max_pixels)

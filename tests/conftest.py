@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def cli():
     """Command prefix that runs the adaptserve CLI of this checkout in a subprocess."""
-    return [sys.executable, str(ROOT / "adaptserve.py")]
+    return [sys.executable, "-m", "adaptserve"]
 
 
 @pytest.fixture(autouse=True)
@@ -38,9 +38,9 @@ _TINY: dict = {}
 def tiny_model(tmp_path_factory) -> dict:
     """Train (40 steps) and export one model into the session's BENTOML_HOME and a folder; cached."""
     if not _TINY:
-        from export import bundle
-        from train.config import TrainConfig
-        from train.loop import run
+        from adaptserve.export import bundle
+        from adaptserve.train.config import TrainConfig
+        from adaptserve.train.loop import run
 
         base = tmp_path_factory.mktemp("tiny-model")
         # 30 % of the demo target's digits held out, as the demo does: 216 calibration digits → windows of 200
@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """The tiny model of ``tiny_model`` and its ONNX runtime (the service, scorer and Ray tests)."""
-    from service.runtime import Model
+    from adaptserve.service.runtime import Model
 
     tiny = tiny_model(tmp_path_factory)
     return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
@@ -67,7 +67,7 @@ def kill_and_resume(cli: list[str], train_cmd: list[str], run_dir: Path, steps: 
     import subprocess
     import time
 
-    from train import checkpoint as ckpt_io
+    from adaptserve.train import checkpoint as ckpt_io
 
     proc = subprocess.Popen(train_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = run_dir / "checkpoints" / "last.pt"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train.dann import (dann_lambda, domain_loss, entropy, entropy_weights, grad_reverse, lr_factor, mk_mmd,
+from adaptserve.train.dann import (dann_lambda, domain_loss, entropy, entropy_weights, grad_reverse, lr_factor, mk_mmd,
                         tail_factor, warmup_factor)
 
 
@@ -99,7 +99,7 @@ def test_mk_mmd_zero_for_the_same_batch_positive_and_growing_with_shift():
 
 
 def test_mk_mmd_gradient_reaches_the_features_not_the_classifier():
-    from train.models import build_model
+    from adaptserve.train.models import build_model
 
     torch.manual_seed(0)
     model, arch = build_model("dann_mnist", 10, "dann")

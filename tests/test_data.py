@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.preprocess import ImageError, InputSpec, as_uint8_nhwc, to_input_spec
-from train.data import DataError, demo_domain, holdout_split, load, parse_spec
+from adaptserve.service.preprocess import ImageError, InputSpec, as_uint8_nhwc, to_input_spec
+from adaptserve.train.data import DataError, demo_domain, holdout_split, load, parse_spec
 
 DIGITS32 = InputSpec(32, 32, 3)
 SHARED = Path(os.environ.get("ADAPTSERVE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -175,7 +175,7 @@ def test_holdout_keeps_copies_of_one_digit_together():
 
 def test_syn_rendered_digits_are_deterministic_balanced_and_legible(tmp_path):
     """train.syn: the same seed gives the same pixels; every class; the digit stands out from its background."""
-    from train import syn
+    from adaptserve.train import syn
 
     patches = syn.bsds500_patches(tmp_path)  # no bsds500 here → flat and gradient backgrounds
     assert patches is None
@@ -192,8 +192,8 @@ def test_syn_rendered_digits_are_deterministic_balanced_and_legible(tmp_path):
 
 @pytest.mark.slow
 def test_syn_spec_loads_both_splits_with_bsds500_backgrounds_and_caches_them(tmp_path, monkeypatch):
-    from train import syn
-    from train.data import load
+    from adaptserve.train import syn
+    from adaptserve.train.data import load
 
     monkeypatch.setenv("ADAPTSERVE_CACHE", str(tmp_path))
     monkeypatch.setattr(syn, "SPLITS", {"train": (300, 1), "test": (100, 2)})  # the real sizes: 25k / 9k

@@ -1,6 +1,6 @@
 """The log's warnings (train.evaluate.diagnose) on eval histories shaped like real runs (docs/troubleshooting.md)."""
 
-from train.evaluate import diagnose
+from adaptserve.train.evaluate import diagnose
 
 
 def history(source, domain):

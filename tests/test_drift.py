@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.stats import ks_2samp
 
-from export.reference import build, calibrate, fit_pca, split_pools
-from service import drift
+from adaptserve.export.reference import build, calibrate, fit_pca, split_pools
+from adaptserve.service import drift
 
 W, A = 200, 0.05  # window, per-test level used in the rate checks (5 % gives tighter rate estimates than 1 %)
 D, K = 20, 6
@@ -158,7 +158,7 @@ def test_reference_file_round_trip_and_check(tmp_path):
 
 
 def test_window_fits_the_independent_draws_of_the_pool_and_small_pools_warn():
-    from export.reference import MIN_WINDOW, choose_window
+    from adaptserve.export.reference import MIN_WINDOW, choose_window
 
     assert choose_window(1100) == 200 and choose_window(150) == 150 and choose_window(1) == 2
     _, settings = build(outputs(80, np.random.default_rng(4)), n_bootstrap=200)  # 40 + 40 held out
@@ -171,7 +171,7 @@ def test_window_fits_the_independent_draws_of_the_pool_and_small_pools_warn():
 
 
 def test_pool_bootstrap_resamples_groups_together():
-    from export.reference import pool_bootstrap
+    from adaptserve.export.reference import pool_bootstrap
 
     groups = np.repeat(np.arange(5), 4)  # 5 groups of 4 near-copies
     windows = pool_bootstrap(20, 12, np.random.default_rng(0), groups)
@@ -182,7 +182,7 @@ def test_pool_bootstrap_resamples_groups_together():
 
 
 def test_ks_threshold_is_alpha_for_independent_images_and_lower_for_clustered_ones():
-    from export.reference import ks_threshold
+    from adaptserve.export.reference import ks_threshold
 
     uniform = np.random.default_rng(5).uniform(size=1000)
     assert ks_threshold(uniform, 0.01) == 0.01 or ks_threshold(uniform, 0.01) == pytest.approx(0.01, abs=0.005)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from train import checkpoint as ckpt_io
-from train.config import TrainConfig
-from train.ema import EMA, refresh_bn
-from train.loop import run
+from adaptserve.train import checkpoint as ckpt_io
+from adaptserve.train.config import TrainConfig
+from adaptserve.train.ema import EMA, refresh_bn
+from adaptserve.train.loop import run
 
 
 def test_ema_update_is_the_warmed_up_moving_average():
@@ -58,12 +58,12 @@ def _cfg(**kw) -> TrainConfig:
 
 @pytest.mark.slow
 def test_eval_best_and_export_use_the_ema_weights_and_training_is_unchanged(tmp_path):
-    from export import bundle
-    from export.onnx_export import torch_outputs
-    from service.preprocess import InputSpec
-    from service.runtime import run_graphs, session
-    from train.data import load
-    from train.evaluate import accuracy, predict
+    from adaptserve.export import bundle
+    from adaptserve.export.onnx_export import torch_outputs
+    from adaptserve.service.preprocess import InputSpec
+    from adaptserve.service.runtime import run_graphs, session
+    from adaptserve.train.data import load
+    from adaptserve.train.evaluate import accuracy, predict
 
     run(_cfg(ema=0.0), tmp_path / "plain", progress=False)
     summary = run(_cfg(ema=0.99), tmp_path / "ema", progress=False)

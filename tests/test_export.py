@@ -17,15 +17,15 @@ import pytest
 import torch
 
 import adaptserve
-from export import bundle
-from export.onnx_export import torch_outputs
-from train.checkpoint import load_model
-from service.preprocess import ImageError, InputSpec
-from service.runtime import FILES, IntegrityError, Model
-from train.config import TrainConfig
-from train.data import load
-from train.checkpoint import load as ckpt_io_load
-from train.loop import run
+from adaptserve.export import bundle
+from adaptserve.export.onnx_export import torch_outputs
+from adaptserve.train.checkpoint import load_model
+from adaptserve.service.preprocess import ImageError, InputSpec
+from adaptserve.service.runtime import FILES, IntegrityError, Model
+from adaptserve.train.config import TrainConfig
+from adaptserve.train.data import load
+from adaptserve.train.checkpoint import load as ckpt_io_load
+from adaptserve.train.loop import run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")]
@@ -211,14 +211,14 @@ def test_a_failure_inside_the_store_block_discards_the_model(exported, tmp_path)
 
 
 def test_runtime_imports_without_torch():
-    code = "import service.runtime, service.drift, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import adaptserve.service.runtime, adaptserve.service.drift, sys; assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
 
 
 def test_parity_check_fails_with_the_numbers():
-    from export.onnx_export import ExportError, check_parity
+    from adaptserve.export.onnx_export import ExportError, check_parity
 
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(4), 256).astype(np.float32)

@@ -39,7 +39,7 @@ IS_ROOT = os.geteuid() == 0
 def adaptserve(*args, fsize: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the CLI in a child process, optionally with a file size limit of ``fsize`` bytes."""
     limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))) if fsize else None
-    return subprocess.run([sys.executable, str(ROOT / "adaptserve.py"), *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "adaptserve", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, preexec_fn=limit)
 
 
@@ -66,9 +66,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images(tiny):
-    from service.preprocess import to_input_spec
-    from service.runtime import Model
-    from train.data import demo_domain
+    from adaptserve.service.preprocess import to_input_spec
+    from adaptserve.service.runtime import Model
+    from adaptserve.train.data import demo_domain
 
     x, y = demo_domain("target", "test")
     return to_input_spec(x[:450], Model.open(tiny["folder"]).input_spec), y[:450]
@@ -84,7 +84,7 @@ def a_file(tmp_path) -> Path:
 # ---------------------------------------------------------------- the service
 
 def test_sigkill_of_the_service_under_load_then_restart(tiny, images, tmp_path):
-    from service.runtime import Model
+    from adaptserve.service.runtime import Model
 
     x = images[0][:16]
     body = npy(x)
@@ -144,7 +144,7 @@ def tampered(tiny):
     """A second store model, a copy of the tiny one, whose model.onnx then has one byte flipped."""
     import bentoml
 
-    from export.bundle import save
+    from adaptserve.export.bundle import save
 
     tag = save(tiny["folder"], tiny["manifest"], "test-tampered")
     path = Path(bentoml.models.get(tag).path) / "model.onnx"
@@ -191,7 +191,7 @@ def test_train_disk_full_leaves_no_checkpoint(tmp_path):
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_full_disk(tmp_path):
-    from train.loop import JsonlLog
+    from adaptserve.train.loop import JsonlLog
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"kind": "train", "step": s}) for s in (10, 20, 30)]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from train.models import ARCH_INPUT, build_model
-from train.loop import param_groups
-from train.config import TrainConfig
+from adaptserve.train.models import ARCH_INPUT, build_model
+from adaptserve.train.loop import param_groups
+from adaptserve.train.config import TrainConfig
 
 DIGIT_ARCHS = ["dann_mnist", "dann_mnist_bn", "dann_mnist_bn28", "dann_svhn", "lenet", "lenet_bn"]
 
@@ -112,7 +112,7 @@ def test_optimizer_choice_is_validated():
 def test_every_training_option_has_cli_help():
     from dataclasses import fields
 
-    from train.config import field_help
+    from adaptserve.train.config import field_help
 
     helps = field_help()
     assert helps["bn_per_domain"].startswith("source and target through BatchNorm")

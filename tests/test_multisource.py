@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import kill_and_resume
-from train import checkpoint as ckpt_io
-from train.config import TrainConfig
-from train.dann import domain_loss, mdan_loss
-from train.data import demo_domain
-from train.loop import run
-from train.models import build_model, shipped_domain_logit
+from adaptserve.train import checkpoint as ckpt_io
+from adaptserve.train.config import TrainConfig
+from adaptserve.train.dann import domain_loss, mdan_loss
+from adaptserve.train.data import demo_domain
+from adaptserve.train.loop import run
+from adaptserve.train.models import build_model, shipped_domain_logit
 
 
 def test_mdan_soft_weights_sum_to_one_and_are_the_gradient():
@@ -137,7 +137,7 @@ def test_mdan_run_logs_every_source_and_exports_the_one_source_contract(tmp_path
     assert evals[-1]["domain_acc"] == pytest.approx(np.mean([v["domain_acc"] for v in evals[-1]["per_source"].values()]))
     assert (tmp_path / "full" / "curves.png").is_file()
 
-    from export import bundle
+    from adaptserve.export import bundle
 
     _, manifest = bundle.export(tmp_path / "full", name="test-mdan", out=tmp_path / "model", n_bootstrap=50)
     assert manifest["method"] == "mdan" and manifest["source"] == f"demo-source+{inverted}"

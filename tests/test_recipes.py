@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from train.config import TrainConfig
+from adaptserve.train.config import TrainConfig
 
 # The defaults of `adaptserve train` up to session 5 (before recipes): the paper's SGD recipe.
 OLD_DEFAULTS = dict(source="demo-source", target="demo-target", method="dann", arch="auto", steps=2000,

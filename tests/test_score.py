@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 
 @pytest.fixture(scope="module")
 def target(model):
-    from service.preprocess import to_input_spec
-    from train.data import demo_domain
+    from adaptserve.service.preprocess import to_input_spec
+    from adaptserve.train.data import demo_domain
 
     images, labels = demo_domain("target", "test")
     return to_input_spec(images[:450], model["runtime"].input_spec), labels[:450]
@@ -188,7 +188,7 @@ class _FakeReference:
 
     window, alpha, alpha_per_test = 3, 0.01, 0.01 / 3
 
-    from service.drift import DriftReference
+    from adaptserve.service.drift import DriftReference
 
     tests = DriftReference.tests  # formats a check's result (uses alpha_per_test only)
 
@@ -201,7 +201,7 @@ class _FakeReference:
 
 
 def test_window_drift_on_its_worker_thread_keeps_order_and_raises_check_errors():
-    from service.score import WindowDrift
+    from adaptserve.service.score import WindowDrift
 
     def feed(drift, values, sizes):
         values, i = np.asarray(values, np.float32), 0

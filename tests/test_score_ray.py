@@ -29,8 +29,8 @@ def local_ray():
 @pytest.fixture(scope="module")
 def inputs(model, tmp_path_factory):
     """A labelled folder with a corrupt and an oversized file, an .npy, an .npz with labels (demo target)."""
-    from service.preprocess import to_input_spec
-    from train.data import demo_domain
+    from adaptserve.service.preprocess import to_input_spec
+    from adaptserve.train.data import demo_domain
 
     images, labels = demo_domain("target", "test")
     rng = np.random.default_rng(0)
@@ -98,7 +98,7 @@ def test_ray_rows_and_drift_report_equal_the_local_scorers(local_ray, model, inp
 
 def test_a_worker_that_dies_mid_run_loses_no_row_and_repeats_none(local_ray, model, inputs, tmp_path, monkeypatch,
                                                                    capsys):
-    from service import score_ray
+    from adaptserve.service import score_ray
 
     marker = tmp_path / "crashed"
     monkeypatch.setenv(score_ray.CRASH_ONCE, str(marker))
@@ -137,7 +137,7 @@ def test_a_parquet_dataset_of_image_bytes_scores_like_the_folder(local_ray, mode
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from service.score import list_folder
+    from adaptserve.service.score import list_folder
 
     files, labels = list_folder(inputs["folder"], model["runtime"].classes)
     table = pa.table({"path": [str(p) for p in files], "image": [p.read_bytes() for p in files],

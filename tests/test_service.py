@@ -24,7 +24,7 @@ KEY = "s3cret-test-key"
 MAX_IMAGES, MAX_BYTES = 512, 4 << 20
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-from service.launch import ServeProcess as Server  # noqa: E402  (bentoml serve on 127.0.0.1, its own process group)
+from adaptserve.service.launch import ServeProcess as Server  # noqa: E402  (bentoml serve on 127.0.0.1, its own process group)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def servers(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(model):
     """Demo-target test images, the run's held-out target images, and demo-source images, in the input spec."""
-    from service.preprocess import to_input_spec
-    from train.data import demo_domain, holdout_split, load
+    from adaptserve.service.preprocess import to_input_spec
+    from adaptserve.train.data import demo_domain, holdout_split, load
 
     spec = model["runtime"].input_spec
     target = to_input_spec(demo_domain("target", "test")[0][:300], spec)
@@ -481,7 +481,7 @@ def test_batching_merges_concurrent_calls_and_feeds_the_drift_monitor(servers, i
 
 
 def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, images):
-    from service.monitor import DriftMonitor
+    from adaptserve.service.monitor import DriftMonitor
 
     rt = model["runtime"]
     outputs = lambda p: (p.p_target, p.probabilities, p.features)  # noqa: E731
@@ -514,8 +514,8 @@ def test_the_drift_budget_checks_the_latest_window_after_its_cool_down(model, im
 
 
 def test_batching_is_auto_on_with_a_gpu_off_on_the_cpu_and_can_be_forced():
-    from service.runtime import gpu_available
-    from service.settings import Settings, batching_enabled
+    from adaptserve.service.runtime import gpu_available
+    from adaptserve.service.settings import Settings, batching_enabled
 
     assert batching_enabled("", "auto", gpu=True) and batching_enabled("auto", "cuda", gpu=True)
     assert not batching_enabled("", "auto", gpu=False) and not batching_enabled("auto", "cpu", gpu=True)
@@ -527,7 +527,7 @@ def test_batching_is_auto_on_with_a_gpu_off_on_the_cpu_and_can_be_forced():
 
 
 def test_settings_are_read_once_and_bad_values_are_named():
-    from service.settings import Settings
+    from adaptserve.service.settings import Settings
 
     s = Settings.from_env({"ADAPTSERVE_MODEL": "m:1", "ADAPTSERVE_MAX_PIXELS": "100", "ADAPTSERVE_DRIFT": "off"}, gpu=False)
     assert (s.model, s.max_pixels, s.max_request_pixels, s.drift, s.batching) == ("m:1", 100, 400, False, False)
@@ -543,7 +543,7 @@ def test_settings_are_read_once_and_bad_values_are_named():
 
 
 def test_read_npy_equals_np_load_and_falls_back_to_it():
-    from service.http import read_npy
+    from adaptserve.service.http import read_npy
 
     def npy(a, version=None):
         buf = io.BytesIO()
@@ -574,7 +574,7 @@ def test_bentoml_timeout_middleware_cancels_its_timer_and_still_times_out():
 
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    from service import bentoml_patches
+    from adaptserve.service import bentoml_patches
 
     bentoml_patches.apply()
     assert getattr(TimeoutMiddleware.__call__, "_adaptserve", False), "BentoML's TimeoutMiddleware changed"
@@ -698,7 +698,7 @@ def test_bentoml_build_bundles_the_service_and_the_model(model, tmp_path):
     # must load the model that was built in, not whatever adaptserve-dann:latest names in a store
     src = Path(bento.path) / "src"
     bare_env = {k: v for k, v in env.items() if k != "ADAPTSERVE_MODEL"} | {"PYTHONPATH": str(src)}
-    r = subprocess.run([sys.executable, "-c", "import service.service as s; print(s.SETTINGS.model)"], cwd=src,
+    r = subprocess.run([sys.executable, "-c", "import adaptserve.service.service as s; print(s.SETTINGS.model)"], cwd=src,
                        env=bare_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == model["tag"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import kill_and_resume
-from train import checkpoint as ckpt_io
-from train.config import TrainConfig
-from train.loop import run
+from adaptserve.train import checkpoint as ckpt_io
+from adaptserve.train.config import TrainConfig
+from adaptserve.train.loop import run
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_dann_beats_source_only_on_the_demo_target(tmp_path, cli):
     """The demo's promise, with the demo's own settings — the default recipe (a shorter schedule would test
     something else); the two runs side by side, one thread each, as the demo runs them. The test asks for +15
     points (docs/benchmarks.md §2 has the measured gain over 3 seeds)."""
-    from adaptserve_demo import DEMO_STEPS, DEMO_TRAIN, train_flags
+    from adaptserve.demo import DEMO_STEPS, DEMO_TRAIN, train_flags
 
     procs = {m: subprocess.Popen(cli + ["train", "--method", m, *train_flags(DEMO_TRAIN), "--steps", str(DEMO_STEPS),
                                         "--eval-every", str(DEMO_STEPS), "--log-every", "100", "--threads", "1",
@@ -124,8 +124,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cli):
 def test_ddp_two_processes_gloo(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(__import__("pathlib").Path(__file__).resolve().parents[1] / "adaptserve.py"),
-           "train", "--method", "dann", "--steps", "40", "--batch-size", "16", "--eval-every", "20",
+           "-m", "adaptserve", "train", "--method", "dann", "--steps", "40", "--batch-size", "16", "--eval-every", "20",
            "--threads", "1", "--no-tsne", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

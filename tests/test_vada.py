@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from train.models import Normalize, build_model
-from train.vada import conditional_entropy, frozen_bn_stats, vat_loss
+from adaptserve.train.models import Normalize, build_model
+from adaptserve.train.vada import conditional_entropy, frozen_bn_stats, vat_loss
 
 
 def test_conditional_entropy_zero_for_one_hot_ln_k_for_uniform():
@@ -91,14 +91,14 @@ def test_vada_with_instance_norm_trains_logs_its_terms_and_exports_the_same_cont
 
     import onnx
 
-    from export import bundle
-    from export.onnx_export import torch_outputs
-    from service.preprocess import InputSpec
-    from service.runtime import Model
-    from train.checkpoint import load_model
-    from train.config import TrainConfig
-    from train.data import load
-    from train.loop import run
+    from adaptserve.export import bundle
+    from adaptserve.export.onnx_export import torch_outputs
+    from adaptserve.service.preprocess import InputSpec
+    from adaptserve.service.runtime import Model
+    from adaptserve.train.checkpoint import load_model
+    from adaptserve.train.config import TrainConfig
+    from adaptserve.train.data import load
+    from adaptserve.train.loop import run
 
     cfg = TrainConfig(method="vada", input_norm="instance", steps=20, batch_size=16, eval_every=20, log_every=10,
                       threads=1, tsne=False)

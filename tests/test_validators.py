@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from train import validators as V
+from adaptserve.train import validators as V
 
 
 def test_entropy_prefers_confident_predictions():

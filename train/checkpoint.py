@@ -84,7 +84,7 @@ def load_model(path: Path, weights: str = "shipped"):
     ``weights="shipped"``: the EMA weights when the run kept them (``--ema``; what eval and export use),
     else the trained ones; ``"trained"``: always the optimiser's own weights (what ``--resume`` continues).
     """
-    from train.models import build_model
+    from adaptserve.train.models import build_model
 
     state = load(path)  # map_location="cpu": a CUDA-trained checkpoint loads the same way
     meta = state["meta"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from train import recipes
+from adaptserve.train import recipes
 
 METHODS = ("source-only", "dann", "cdan", "cdan-e", "mdan", "vada")
 SELECTORS = ("im", "entropy", "snd", "dev", "last", "target_acc")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import ImageError, InputSpec, decode_image, to_input_spec
+from adaptserve.service.preprocess import ImageError, InputSpec, decode_image, to_input_spec
 
 COPIES = 6  # demo: random affine copies per digit (kept together: one holdout group each)
 NAMED = ("mnist", "mnist_m", "usps", "svhn", "syn", "demo-source", "demo-target")
@@ -201,7 +201,7 @@ def _load_npy_xz(path: Path) -> np.ndarray:
 def syn_domain(split: str, data_root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``syn`` split, rendered once (≈ 1 min for both) and cached; with BSDS500 backgrounds when the
     data directory has ``bsds500/bsds500_train.tar``, else flat and gradient backgrounds only."""
-    from train import syn
+    from adaptserve.train import syn
 
     try:
         root = data_dir(data_root)

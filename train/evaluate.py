@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from train import validators
-from train.dann import mk_mmd
-from train.data import Dataset
-from train.models import shipped_domain_logit
+from adaptserve.train import validators
+from adaptserve.train.dann import mk_mmd
+from adaptserve.train.data import Dataset
+from adaptserve.train.models import shipped_domain_logit
 
 
 class TrainingDiverged(ValueError):

@@ -30,16 +30,16 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from train import checkpoint as ckpt_io
-from train.config import TrainConfig
-from train.dann import (dann_lambda, domain_loss, entropy_weights, lr_factor, mdan_loss, mk_mmd, tail_factor,
+from adaptserve.train import checkpoint as ckpt_io
+from adaptserve.train.config import TrainConfig
+from adaptserve.train.dann import (dann_lambda, domain_loss, entropy_weights, lr_factor, mdan_loss, mk_mmd, tail_factor,
                         warmup_factor)
-from train.data import Dataset, holdout_split, load
-from train.ema import EMA, refresh_bn
-from train.evaluate import accuracy, diagnose, evaluate, predict
-from train.vada import vada_loss
-from train.validators import score as validator_score
-from train.models import ARCH_INPUT, build_model
+from adaptserve.train.data import Dataset, holdout_split, load
+from adaptserve.train.ema import EMA, refresh_bn
+from adaptserve.train.evaluate import accuracy, diagnose, evaluate, predict
+from adaptserve.train.vada import vada_loss
+from adaptserve.train.validators import score as validator_score
+from adaptserve.train.models import ARCH_INPUT, build_model
 
 log = logging.getLogger("adaptserve.train")
 BN_BATCHES = 20  # training batches that recompute the EMA model's BatchNorm statistics at each evaluation
@@ -392,7 +392,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
 
 
 def _plots(out: Path, cfg: TrainConfig, model, data: dict, device) -> None:
-    from train.plots import plot_curves, plot_tsne
+    from adaptserve.train.plots import plot_curves, plot_tsne
 
     title = f"{cfg.method} {cfg.source_name} → {cfg.target} ({cfg.arch}, seed {cfg.seed})"
     plot_curves(out / "metrics.jsonl", out / "curves.png", title)

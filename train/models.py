@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from service.preprocess import InputSpec
-from train.dann import grad_reverse
+from adaptserve.service.preprocess import InputSpec
+from adaptserve.train.dann import grad_reverse
 
 INPUT_NORMS = ("dataset", "instance")
 DIGIT_MEAN, DIGIT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)

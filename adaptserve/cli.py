@@ -33,7 +33,7 @@ class UserError(Exception):
 
 
 def _add_train(sub) -> None:
-    from train.config import METHODS, TrainConfig, field_help
+    from adaptserve.train.config import METHODS, TrainConfig, field_help
 
     p = sub.add_parser("train", help="train source-only / DANN / CDAN(-E) into a run directory",
                        description="Adapt a classifier from a labelled source to an unlabelled target. "
@@ -70,7 +70,7 @@ def _add_train(sub) -> None:
 
 def _recipe_defaults(name: str, paper_value, show) -> str:
     """' (default by recipe: digits 0.001, lenet/paper/resnet 0.01)' where the recipes differ, else ''."""
-    from train.recipes import RECIPES
+    from adaptserve.train.recipes import RECIPES
 
     if name == "recipe":
         return " (default auto)"
@@ -83,8 +83,8 @@ def _recipe_defaults(name: str, paper_value, show) -> str:
 
 
 def cmd_train(args) -> int:
-    from train.config import TrainConfig
-    from train.loop import run
+    from adaptserve.train.config import TrainConfig
+    from adaptserve.train.loop import run
 
     if args.resume:
         cfg_file = args.resume / "config.yaml"
@@ -120,11 +120,11 @@ def _add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from service.preprocess import InputSpec
-    from train import checkpoint as ckpt_io
-    from train.data import load
-    from train.evaluate import accuracy, information_maximization, predict
-    from train.loop import pick_device
+    from adaptserve.service.preprocess import InputSpec
+    from adaptserve.train import checkpoint as ckpt_io
+    from adaptserve.train.data import load
+    from adaptserve.train.evaluate import accuracy, information_maximization, predict
+    from adaptserve.train.loop import pick_device
 
     path = ckpt_io.find(args.run_dir, args.checkpoint)
     model, meta, state = ckpt_io.load_model(path)  # the EMA weights when the run kept them, as export uses
@@ -164,7 +164,7 @@ def _add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from export.bundle import export
+    from adaptserve.export.bundle import export
 
     if args.bootstrap is not None and args.bootstrap < 100:
         raise UserError("--bootstrap must be at least 100")
@@ -220,13 +220,13 @@ def _add_score(sub) -> None:
 
 def cmd_score(args) -> int:
     if args.engine == "ray":
-        from service.score_ray import RAY_BATCH, score_ray
+        from adaptserve.service.score_ray import RAY_BATCH, score_ray
 
         s = score_ray(args.model, args.input, args.out, address=args.address, workers=args.workers,
                       batch_size=RAY_BATCH if args.batch_size is None else args.batch_size, gpus_per_worker=args.gpus_per_worker,
                       progress=not args.no_progress, drift=not args.no_drift, max_pixels=args.max_pixels)
     else:
-        from service.score import DEFAULT_BATCH, score
+        from adaptserve.service.score import DEFAULT_BATCH, score
 
         s = score(args.model, Path(args.input), args.out, batch_size=DEFAULT_BATCH if args.batch_size is None else args.batch_size,
                   progress=not args.no_progress,
@@ -247,7 +247,7 @@ def cmd_score(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    from adaptserve_demo import DEMO_STEPS
+    from adaptserve.demo import DEMO_STEPS
 
     p = sub.add_parser("demo", help="the whole journey on the embedded demo pair (no downloads, no GPU)",
                        description="Train source-only and DANN on the embedded demo pair, export the DANN model "
@@ -260,7 +260,7 @@ def _add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from adaptserve_demo import DemoError, report, run_demo
+    from adaptserve.demo import DemoError, report, run_demo
 
     if args.steps < 100:
         raise UserError("--steps must be at least 100 (the drift reference needs a trained model)")
@@ -299,6 +299,3 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

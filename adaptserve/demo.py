@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 # Measured in docs/benchmarks.md §2. The trainer's default recipe (auto → digits: BN CNN at 28 px, Adam, BN per
 # domain, EMA weights, lr decay at the end) at batch 64 to fit the demo's time budget. A third of the target's
@@ -73,7 +73,7 @@ def train_both(out: Path, steps: int, seed: int) -> dict[str, dict]:
     for method in ("source-only", "dann"):
         _clear(out / method, "config.yaml")
         logs[method] = out / "logs" / f"train-{method}.log"
-        cmd = [sys.executable, str(ROOT / "adaptserve.py"), "train", "--source", "demo-source", "--target",
+        cmd = [sys.executable, "-m", "adaptserve", "train", "--source", "demo-source", "--target",
                "demo-target", "--method", method, *train_flags(DEMO_TRAIN), "--steps", str(steps), "--seed",
                str(seed), "--threads", str(threads), "--out", str(out / method), "--no-progress"]
         with open(logs[method], "wb") as log:
@@ -116,8 +116,8 @@ def _last_step(run_dir: Path) -> int:
 
 def target_test_set(out: Path, spec) -> tuple[Path, np.ndarray, np.ndarray]:
     """The demo-target test split, shuffled (drift windows must be random samples of the traffic), as .npz."""
-    from service.preprocess import to_input_spec
-    from train.data import demo_domain
+    from adaptserve.service.preprocess import to_input_spec
+    from adaptserve.train.data import demo_domain
 
     images, labels = demo_domain("target", "test")
     order = np.random.default_rng(0).permutation(len(images))
@@ -193,7 +193,7 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, seed: int = 0) -> dict:
     runs = train_both(out, steps, seed)
 
     stage(2, "exporting the DANN run: ONNX + parity check + drift reference → BentoML model store")
-    from export.bundle import export
+    from adaptserve.export.bundle import export
 
     _clear(out / "model", "manifest.json")
     try:
@@ -203,17 +203,17 @@ def run_demo(out: Path, steps: int = DEMO_STEPS, seed: int = 0) -> dict:
     print(f"      → {tag} (also in {out / 'model'})", flush=True)
 
     stage(3, "batch scoring the demo-target test set with the exported model (adaptserve score)")
-    from service.runtime import Model
-    from service.score import score
-    from service.preprocess import to_input_spec
-    from train.data import demo_domain
+    from adaptserve.service.runtime import Model
+    from adaptserve.service.score import score
+    from adaptserve.service.preprocess import to_input_spec
+    from adaptserve.train.data import demo_domain
 
     model = Model.open(tag)
     npz, target, labels = target_test_set(out, model.input_spec)
     scored = score(tag, npz, out / "scores.csv", model=model)
 
     stage(4, "starting bentoml serve on 127.0.0.1")
-    from service.launch import ServeProcess
+    from adaptserve.service.launch import ServeProcess
 
     source = to_input_spec(demo_domain("source", "test")[0], model.input_spec)
     source = source[np.random.default_rng(1).permutation(len(source))]
