@@ -35,7 +35,7 @@ class UserError(Exception):
 def _add_train(sub) -> None:
     from adaptserve.train.config import METHODS, TrainConfig, field_help
 
-    p = sub.add_parser("train", help="train source-only / DANN / CDAN(-E) into a run directory",
+    p = sub.add_parser("train", help="train source-only / DANN / CDAN(-E) / MDAN / VADA into a run directory",
                        description="Adapt a classifier from a labelled source to an unlabelled target. "
                        + DATA_HELP)  # every option's help states its default (TrainConfig's)
     p.add_argument("--config", help="YAML file of options (flags override it)")

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # Measured in docs/benchmarks.md §2. The trainer's default recipe (auto → digits: BN CNN at 28 px, Adam, BN per
 # domain, EMA weights, lr decay at the end) at batch 64 to fit the demo's time budget. A third of the target's
@@ -77,7 +76,7 @@ def train_both(out: Path, steps: int, seed: int) -> dict[str, dict]:
                "demo-target", "--method", method, *train_flags(DEMO_TRAIN), "--steps", str(steps), "--seed",
                str(seed), "--threads", str(threads), "--out", str(out / method), "--no-progress"]
         with open(logs[method], "wb") as log:
-            procs[method] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            procs[method] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     bar = tqdm(total=2 * steps, unit="step", desc="training", dynamic_ncols=True)
     try:
         while any(p.poll() is None for p in procs.values()):
@@ -188,6 +187,7 @@ def requests(url: str, target: np.ndarray, labels: np.ndarray, source: np.ndarra
 
 def run_demo(out: Path, steps: int = DEMO_STEPS, seed: int = 0) -> dict:
     t_start = time.perf_counter()
+    out = Path(out).resolve()  # the report names absolute paths
     out.mkdir(parents=True, exist_ok=True)
     stage(1, f"training source-only and DANN on demo-source → demo-target ({steps} steps each, in parallel)")
     runs = train_both(out, steps, seed)
