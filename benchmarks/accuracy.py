@@ -84,6 +84,7 @@ def finished(run_dir: Path) -> dict:
                                                                      ("disc_bn", "G_d BN")) if cfg.get(key)]
     recipe += [f"{name} {cfg[key]:g}" for key, name in (("mmd_weight", "MMD"), ("grad_clip", "clip"),
                                                         ("warmup_steps", "warm-up")) if cfg.get(key)]
+    recipe += ["instance norm"] if cfg.get("input_norm", "dataset") != "dataset" else []
     return {**summary, "batch_size": cfg["batch_size"], "lr": cfg["lr"], "recipe": ", ".join(recipe)}
 
 
@@ -96,7 +97,7 @@ def table(results: list[dict]) -> str:
         groups.setdefault(key, []).append(r)
     order = {"source-only": 0, "dann": 1, "cdan": 2, "cdan-e": 3}
     for (source, target, method, arch, recipe, steps, batch, lr), rs in sorted(
-            groups.items(), key=lambda kv: (kv[0][:2], order[kv[0][2]], kv[0][3:])):
+            groups.items(), key=lambda kv: (kv[0][:2], order.get(kv[0][2], len(order)), kv[0][2:])):
         acc = [100 * r["target_acc"] for r in rs]
         src = [100 * r["source_acc"] for r in rs]
         std = f"{statistics.stdev(acc):.1f}" if len(acc) > 1 else "—"

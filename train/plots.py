@@ -38,8 +38,10 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
         s = [r["step"] for r in train]
         ax.plot(s, [r["loss_cls"] for r in train], label="source classification")
         ax.plot(s, [r["loss_domain"] for r in train], label="domain (G_d)")
-        if "loss_mmd" in train[0]:
-            ax.plot(s, [r["loss_mmd"] for r in train], label="MK-MMD² (source vs target features)")
+        for key, label in (("loss_mmd", "MK-MMD² (source vs target features)"), ("loss_ent_t", "target entropy (VADA)"),
+                           ("loss_vat_t", "VAT, target (VADA)"), ("loss_vat_s", "VAT, source (VADA)")):
+            if key in train[0]:  # the optional terms of --mmd-weight and --method vada
+                ax.plot(s, [r[key] for r in train], label=label)
         ax.axhline(2 * np.log(2), ls=":", c="grey", label="domain loss at chance (2 ln 2)")
     ax.set(title="training losses", xlabel="step")
     ax.legend(fontsize=8)
