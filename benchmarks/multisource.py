@@ -33,9 +33,14 @@ ANCHORS = {"mnist_m": "MDAN paper (MNIST+SVHN+Syn → MNIST-M): combined DANN 65
            "usps": "Digit-Five (Lee et al. 2021): combined source-only 81.6, M3SDA-β 97.4"}
 
 
+def sources_for(target: str) -> list[str]:
+    """The issue's sources for ``target``: the other two digit domains and ``syn``."""
+    return [d for d in DOMAINS if d != target] + ["syn"]
+
+
 def runs_for(target: str) -> list[tuple[str, str, list[str], str, dict]]:
     """(column, run name, sources, method, extra options) of every run for one target."""
-    sources = [d for d in DOMAINS if d != target] + ["syn"]
+    sources = sources_for(target)
     out = [("single", f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")]
     named = {"combined-so": ("source-only", {}), "combined-dann": ("dann", {}),
              "mdan-soft": ("mdan", {"mdan_mode": "soft"}), "mdan-hard": ("mdan", {"mdan_mode": "hard"})}
@@ -54,8 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     results = []
     for target in args.targets:
-        multi = TrainConfig.from_sources(None, source=[d for d in DOMAINS if d != target] + ["syn"],
-                                         target=target).validate()
+        multi = TrainConfig.from_sources(None, source=sources_for(target), target=target).validate()
         for seed in args.seeds:  # seeds outside: a benchmark cut short has every column at the first seeds
             for column, name, sources, method, extra in runs_for(target):
                 out = args.out / target / f"{name}-s{seed}"
@@ -99,7 +103,7 @@ def table(results: list[dict]) -> str:
             cells.append(f"{cell(best[1])} [{best[0]}]" if best else "—")
         for col in ("combined-so", "combined-dann", "mdan-soft", "mdan-hard"):
             cells.append(cell([r for r in rs if r["column"] == col]))
-        sources = "+".join(d for d in DOMAINS if d != target) + "+syn"
+        sources = "+".join(sources_for(target))
         steps = "/".join(sorted({str(r["steps"]) for r in rs}))
         rows.append(f"| {target} ({sources}) | {steps} | " + " | ".join(cells) + f" | {ANCHORS[target]} |")
     return "\n".join(rows)

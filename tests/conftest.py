@@ -60,6 +60,22 @@ def model(tmp_path_factory):
     return {**tiny, "runtime": Model.open(tiny["folder"], device="cpu")}
 
 
+def train_side_by_side(cli: list[str], runs: dict[str, list[str]], out: Path, timeout: float = 1500) -> dict:
+    """``adaptserve train`` once per entry of ``runs`` (name → its flags; ``--out out/name`` is added), all at
+    the same time, one process each, as the demo trains; waits for every one and returns each run's
+    summary.json by name."""
+    import json
+    import subprocess
+
+    procs = {name: subprocess.Popen(cli + ["train", *flags, "--out", str(out / name)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for name, flags in runs.items()}
+    for p in procs.values():
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+    return {name: json.loads((out / name / "summary.json").read_text()) for name in runs}
+
+
 def kill_and_resume(cli: list[str], train_cmd: list[str], run_dir: Path, steps: int) -> int:
     """Start ``train_cmd`` (a run into ``run_dir`` of ``steps`` steps), SIGKILL it as soon as its first
     checkpoint is written, then ``adaptserve train --resume`` it to the end; returns the step it was killed at."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import kill_and_resume
+from conftest import kill_and_resume, train_side_by_side
 from adaptserve.train import checkpoint as ckpt_io
 from adaptserve.train.config import TrainConfig
 from adaptserve.train.dann import domain_loss, mdan_loss
@@ -177,12 +177,7 @@ def test_two_sources_mdan_beats_combined_source_only_on_the_demo_target(tmp_path
     flags = ["--source", "demo-source", "--source", inverted, "--target", "demo-target", "--steps", "800",
              "--batch-size", "64", "--target-holdout", "0.3", "--eval-every", "800", "--threads", "1",
              "--no-tsne", "--no-progress"]
-    procs = {m: subprocess.Popen(cli + ["train", *flags, "--method", m, "--out", str(tmp_path / m)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for m in ("source-only", "mdan")}
-    for p in procs.values():
-        _, err = p.communicate(timeout=900)
-        assert p.returncode == 0, err[-3000:]
-    so, md = (json.loads((tmp_path / m / "summary.json").read_text()) for m in procs)
+    runs = train_side_by_side(cli, {m: [*flags, "--method", m] for m in ("source-only", "mdan")}, tmp_path, timeout=900)
+    so, md = runs["source-only"], runs["mdan"]
     assert so["source_acc"] > 0.6 and md["source_acc"] > 0.6
     assert md["target_acc"] > so["target_acc"] + 0.10, (so["target_acc"], md["target_acc"])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kill_and_resume
+from conftest import kill_and_resume, train_side_by_side
 from adaptserve.train import checkpoint as ckpt_io
 from adaptserve.train.config import TrainConfig
 from adaptserve.train.loop import run
@@ -68,15 +68,10 @@ def test_dann_beats_source_only_on_the_demo_target(tmp_path, cli):
     points (docs/benchmarks.md §2 has the measured gain over 3 seeds)."""
     from adaptserve.demo import DEMO_STEPS, DEMO_TRAIN, train_flags
 
-    procs = {m: subprocess.Popen(cli + ["train", "--method", m, *train_flags(DEMO_TRAIN), "--steps", str(DEMO_STEPS),
-                                        "--eval-every", str(DEMO_STEPS), "--log-every", "100", "--threads", "1",
-                                        "--no-tsne", "--no-progress", "--out", str(tmp_path / m)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for m in ("source-only", "dann")}
-    for p in procs.values():
-        _, err = p.communicate(timeout=1500)
-        assert p.returncode == 0, err[-3000:]
-    so, da = (json.loads((tmp_path / m / "summary.json").read_text()) for m in procs)
+    flags = [*train_flags(DEMO_TRAIN), "--steps", str(DEMO_STEPS), "--eval-every", str(DEMO_STEPS), "--log-every",
+             "100", "--threads", "1", "--no-tsne", "--no-progress"]
+    runs = train_side_by_side(cli, {m: ["--method", m, *flags] for m in ("source-only", "dann")}, tmp_path)
+    so, da = runs["source-only"], runs["dann"]
     assert so["source_acc"] > 0.8 and da["source_acc"] > 0.8
     assert da["target_acc"] > so["target_acc"] + 0.15, (so["target_acc"], da["target_acc"])
     assert da["domain_acc"] < so["domain_acc"]
