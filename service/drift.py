@@ -46,8 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.spatial.distance import cdist
-from scipy.stats import ks_2samp
+
+# scipy is imported where it is used, not here: ``scipy.stats`` and ``scipy.spatial`` take ≈ 0.5 s to import,
+# and ``bentoml serve`` imports the service twice (its CLI, then the worker) — ≈ 1 s of a 3-s cold start. A
+# service whose reference carries the KS p-value table (every export makes one) never needs scipy to check.
 
 TESTS = ("ks_discriminator", "ks_softmax_bonferroni", "mmd_pca")
 
@@ -110,6 +112,8 @@ def ks_columns(reference_sorted: np.ndarray, window: np.ndarray) -> tuple[np.nda
         key = (n, m, round(d * lcm))
         p = _KS_P.get(key)
         if p is None:
+            from scipy.stats import ks_2samp
+
             res = ks_2samp(r, w)
             d, p = float(res.statistic), float(res.pvalue)
             if len(_KS_P) < _KS_P_MAX:
@@ -179,6 +183,8 @@ def ks_per_class(reference: np.ndarray, window: np.ndarray) -> tuple[np.ndarray,
 
 def sq_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise squared Euclidean distances ``‖a_i − b_j‖²`` (float64, scipy's ``cdist``)."""
+    from scipy.spatial.distance import cdist
+
     return cdist(np.asarray(a, np.float64), np.asarray(b, np.float64), "sqeuclidean")
 
 

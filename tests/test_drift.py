@@ -1,6 +1,10 @@
 """Drift statistics (service/drift.py) and their calibration (export/reference.py) on synthetic data:
 false alarms near α on in-distribution windows, detection of clear shifts. numpy/scipy only, seconds."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from scipy.stats import ks_2samp
@@ -155,6 +159,26 @@ def test_reference_file_round_trip_and_check(tmp_path):
     assert alarm["drift"] and alarm["mmd_pca"]["alarm"] and alarm["ks_softmax_bonferroni"]["alarm"]
     with pytest.raises(ValueError, match="calibrated for windows of 200"):
         ref.check(win["p_target"][:10], win["probabilities"][:10], win["features"][:10])
+
+
+def test_the_service_imports_and_checks_drift_without_scipy(tmp_path):
+    """scipy costs ≈ 0.5 s per import and ``bentoml serve`` imports the service twice: the service module and a
+    check against a reference that carries its KS table must not load it (cold start ≤ 2 s, issue 15)."""
+    rng = np.random.default_rng(5)
+    arrays, _ = build(outputs(2200, rng), n_bootstrap=50)
+    np.savez(tmp_path / "ref.npz", **arrays)
+    np.savez(tmp_path / "win.npz", **outputs(W, rng, shift=2.0))
+    code = (f"import sys, numpy as np\n"
+            f"import adaptserve.service.service\n"
+            f"from adaptserve.service import drift\n"
+            f"ref = drift.DriftReference.load({str(tmp_path / 'ref.npz')!r})\n"
+            f"w = np.load({str(tmp_path / 'win.npz')!r})\n"
+            f"r = ref.check(w['p_target'], w['probabilities'], w['features'])\n"
+            f"print(r['drift'], sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ADAPTSERVE_MODEL": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "[]"], out.stdout
 
 
 def test_window_fits_the_independent_draws_of_the_pool_and_small_pools_warn():
