@@ -1,7 +1,8 @@
 """Multi-source benchmark: best single source vs sources combined vs MDAN, per target, several seeds.
 
     ADAPTSERVE_DATA=../shared/data python benchmarks/multisource.py --steps 3000 --seeds 0 1 2 \\
-        --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--report]
+        --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--report] \\
+        [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3]
 
 For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
 Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
@@ -9,7 +10,8 @@ single source, picked by target accuracy: an oracle baseline, as in the MDAN pap
 anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``.
 Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--arch
 auto``: the digits recipe's 28×28×3 CNN when a colour domain is present), so the columns differ only in the
-method. Each run is an ordinary ``adaptserve train`` run directory: finished runs are skipped, a killed one is
+method; ``--input-norm``, ``--mmd-weight`` and ``--mdan-gamma`` apply to every run of the benchmark (give each
+setting its own ``--out``). Each run is an ordinary ``adaptserve train`` run directory: finished runs are skipped, a killed one is
 resumed from its last checkpoint. Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
 """
 
@@ -54,9 +56,14 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--input-norm", default="dataset", choices=("dataset", "instance"), help="every run's input norm")
+    ap.add_argument("--mmd-weight", type=float, default=0.0, help="every run's MMD weight (0 = off)")
+    ap.add_argument("--mdan-gamma", type=float, default=None, help="MDAN soft's γ (default: the trainer's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/multisource"))
     ap.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = ap.parse_args()
+    common = {"input_norm": args.input_norm, "mmd_weight": args.mmd_weight,
+              **({"mdan_gamma": args.mdan_gamma} if args.mdan_gamma is not None else {})}
     results = []
     for target in args.targets:
         multi = TrainConfig.from_sources(None, source=sources_for(target), target=target).validate()
@@ -67,7 +74,7 @@ def main() -> None:
                     resume = (out / "checkpoints" / "last.pt").exists()
                     cfg = (TrainConfig.from_sources(out / "config.yaml") if resume else TrainConfig.from_sources(
                         None, recipe=multi.recipe, arch=multi.arch, source=sources, target=target, method=method,
-                        seed=seed, steps=args.steps, threads=args.threads, tsne=False, **extra))
+                        seed=seed, steps=args.steps, threads=args.threads, tsne=False, **common, **extra))
                     s = run(cfg, out, resume=resume, progress=False)
                     print(f"→ {target} {name} seed {seed}: {s['target_acc']:.2%} ({s['wall_time_s']:.0f} s)", flush=True)
                 if (out / "summary.json").exists():  # the table has every finished run, of any column

@@ -59,12 +59,25 @@ def png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_kinds(h: int, w: int, c: int, seed: int = 0) -> dict:
-    """name → (weight, expected status, n images or None, method, path, request kwargs)."""
+def oip_binary(a: np.ndarray) -> dict:
+    """An Open Inference Protocol request with ``a`` as a binary ``images`` tensor and binary outputs."""
+    header = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(a.shape),
+                                     "parameters": {"binary_data_size": a.nbytes}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    return {"content": header + a.tobytes(), "headers": {"content-type": "application/octet-stream",
+                                                         "inference-header-content-length": str(len(header))}}
+
+
+def make_kinds(h: int, w: int, c: int, model_name: str, seed: int = 0) -> dict:
+    """name → (weight, expected status, n images or None, method, path, request kwargs). ``n`` images: the
+    answer must hold that many predictions (``class_indices``, or an OIP output of that many rows)."""
     rng = np.random.default_rng(seed)
     img = lambda n: rng.integers(0, 256, (n, h, w, c), dtype=np.uint8)  # noqa: E731
     js = lambda obj: {"content": json.dumps(obj).encode(), "headers": {"content-type": "application/json"}}  # noqa: E731
     npy_req = lambda a: {"content": npy(a), "headers": {"content-type": "application/x-npy"}}  # noqa: E731
+    infer = f"/v2/models/{model_name}/infer"
+    oip_json = lambda a, dt="UINT8": js({"inputs": [{"name": "images", "datatype": dt, "shape": list(a.shape),  # noqa: E731
+                                                   "data": a.ravel().tolist()}]})
     return {
         # valid
         "json_1": (12, 200, 1, "POST", "/predict", js({"images": img(1)[0].tolist()})),
@@ -74,6 +87,10 @@ def make_kinds(h: int, w: int, c: int, seed: int = 0) -> dict:
                         {"files": [("files", (f"{i}.png", png(a), "image/png")) for i, a in enumerate(img(2))]}),
         "drift": (4, 200, None, "GET", "/drift", {}),
         "model": (2, 200, None, "GET", "/model", {}),
+        "raw_npy_8": (6, 200, 8, "POST", "/raw/predict", npy_req(img(8))),
+        "oip_json_4": (6, 200, 4, "POST", infer, oip_json(img(4))),
+        "oip_binary_16": (8, 200, 16, "POST", infer, oip_binary(img(16))),
+        "oip_metadata": (2, 200, None, "GET", f"/v2/models/{model_name}", {}),
         # invalid
         "bad_json": (4, 400, None, "POST", "/predict", {"content": b'{"images": [[[1, 2', "headers": {"content-type": "application/json"}}),
         "ragged": (3, 400, None, "POST", "/predict", js({"images": [[[0, 0, 0]], [[0, 0]]]})),
@@ -86,6 +103,11 @@ def make_kinds(h: int, w: int, c: int, seed: int = 0) -> dict:
         "too_many_images": (3, 413, None, "POST", "/predict", npy_req(np.zeros((MAX_IMAGES + 1, 2, 2, 3), np.uint8))),
         "non_image_upload": (3, 400, None, "POST", "/classify", {"files": [("files", ("x.png", b"not an image", "image/png"))]}),
         "classify_not_multipart": (2, 415, None, "POST", "/classify", js({"images": []})),
+        "wrong_hw_npy": (3, 400, None, "POST", "/predict", npy_req(img(2)[:, : h // 2])),
+        "flat_vector": (2, 400, None, "POST", "/raw/predict", js({"images": [[1, 2, 3]]})),
+        "oip_wrong_shape": (3, 400, None, "POST", infer, oip_json(img(1)[:, :, : w // 2])),
+        "oip_wrong_datatype": (2, 400, None, "POST", infer, oip_json(img(1).astype(np.float32), "FP32")),
+        "oip_unknown_model": (2, 404, None, "POST", "/v2/models/no-such-model/infer", oip_binary(img(1))),
     }
 
 
@@ -105,6 +127,15 @@ def tree_rss(pid: int, per_process: bool = False):
         except psutil.NoSuchProcess:
             pass
     return {k: round(v / 2**20, 1) for k, v in sizes.items()} if per_process else sum(sizes.values())
+
+
+def rows(r: httpx.Response) -> int:
+    """Predictions in a 200 answer: ``class_indices`` of the REST routes, the first output's rows in OIP."""
+    length = r.headers.get("inference-header-content-length")
+    body = json.loads(r.content[:int(length)] if length else r.content)
+    if "outputs" in body:
+        return body["outputs"][0]["shape"][0]
+    return len(body.get("class_indices", []))
 
 
 async def soak(url: str, kinds: dict, duration: float, concurrency: int, seed: int) -> dict:
@@ -131,7 +162,7 @@ async def soak(url: str, kinds: dict, duration: float, concurrency: int, seed: i
             counts[name][r.status_code] += 1
             ok = r.status_code == expected
             if ok and n is not None:
-                ok = len(r.json().get("class_indices", [])) == n
+                ok = rows(r) == n
             if ok and expected == 200:
                 latencies.append(dt)
             if not ok:
@@ -181,6 +212,8 @@ def summarize(result: dict, kinds: dict, args, log: Path, load: tuple) -> dict:
         status.update({str(k): n for k, n in v.items()})
     fails = result["failures"]
     rss = [b for _, b in result["rss_samples"]]
+    after = [b for t, b in result["rss_samples"] if t >= args.warmup] or rss[-1:]
+    growth = 100 * (rss[-1] / after[0] - 1)
     log_text = log.read_text(errors="replace")
     return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": args.model, "duration_s": args.duration,
@@ -192,12 +225,21 @@ def summarize(result: dict, kinds: dict, args, log: Path, load: tuple) -> dict:
         "http_5xx": sum(n for s, n in status.items() if s.startswith("5")),
         "transport_errors": status.get("transport_error", 0),
         "latency_ms_valid": result["latency_ms_valid"],
-        "rss_mib": {"start": rss[0] / 2**20, "end": rss[-1] / 2**20, "max": max(rss) / 2**20, "min": min(rss) / 2**20},
+        "rss_mib": {"start": rss[0] / 2**20, "end": rss[-1] / 2**20, "max": max(rss) / 2**20, "min": min(rss) / 2**20,
+                    f"at_{args.warmup:.0f}s": after[0] / 2**20},
+        "rss_growth_after_warmup_pct": growth,
         "rss_samples_mib": [(t, round(b / 2**20, 1)) for t, b in result["rss_samples"]],
         "rss_mib_per_process": result["rss_mib_per_process"],
         "tracebacks_in_server_log": log_text.count("Traceback"),
         "first_failures": fails[:10], "per_kind": counts,
     }
+
+
+def oip_model_name(url: str) -> str:
+    """The model's name on the Open Inference Protocol routes: the name of the tag ``/model`` reports (a
+    folder's last part for an exported folder), as ``service.service`` builds it."""
+    name = httpx.get(url + "/model", timeout=10).json()["tag"].partition(":")[0]
+    return Path(name).name
 
 
 def main() -> int:
@@ -206,6 +248,9 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=300.0, help="seconds of load")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
+    p.add_argument("--warmup", type=float, default=300.0,
+                   help="seconds after which resident memory must stay flat (growth from then to the end)")
+    p.add_argument("--max-growth", type=float, default=10.0, help="allowed RSS growth after --warmup, percent")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra server environment")
     p.add_argument("--json", type=Path, help="also write the summary here")
@@ -213,13 +258,13 @@ def main() -> int:
 
     folder, _ = resolve(args.model)
     spec = read_manifest(folder)["input_spec"]
-    kinds = make_kinds(spec["height"], spec["width"], spec["channels"], args.seed)
     env = {"ADAPTSERVE_MAX_BYTES": MAX_BYTES, "ADAPTSERVE_MAX_IMAGES": MAX_IMAGES,
            **dict(e.split("=", 1) for e in args.env)}
     log = Path(tempfile.mkdtemp(prefix="adaptserve-soak-")) / "serve.log"
     load = os.getloadavg()
     with ServeProcess(args.model, log=log, **env) as srv:
         ready = srv.wait_ready()
+        kinds = make_kinds(spec["height"], spec["width"], spec["channels"], oip_model_name(srv.url), args.seed)
         print(f"server ready in {ready:.1f} s (log {log}); {args.concurrency} clients for {args.duration:.0f} s, "
               f"load average {load[0]:.2f}", file=sys.stderr)
         result = asyncio.run(run(srv.url, srv.proc.pid, kinds, args))
@@ -230,7 +275,8 @@ def main() -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    return 1 if summary["failed_valid"] or summary["http_5xx"] else 0
+    grew = summary["rss_growth_after_warmup_pct"] > args.max_growth
+    return 1 if summary["failed_valid"] or summary["http_5xx"] or grew else 0
 
 
 if __name__ == "__main__":
