@@ -11,7 +11,9 @@ once on 127.0.0.1 (free ports), each with one process and one ONNX Runtime threa
 - ``no-drift``  — the same with ``ADAPTSERVE_DRIFT=off``;
 - ``batching``  — the same with ``ADAPTSERVE_BATCHING=on`` (BentoML adaptive batching in a Batcher service);
 - ``no-access-log`` — the shipped service with BentoML's per-request access log switched off;
-- ``batching-1s`` — batching with ``max_latency_ms`` 1000 instead of BentoML's default 60000.
+- ``batching-1s`` — batching with ``max_latency_ms`` 1000 instead of BentoML's default 60000;
+- ``bentoml-bare`` — the bare server's app and handler mounted in a minimal BentoML service
+  (benchmarks/bentoml_bare.py): BentoML's floor, the fastest any service under ``bentoml serve`` can be.
 
 The first four run by default; ``--kinds`` picks others.
 
@@ -52,7 +54,9 @@ KINDS = {
     "batching": {"ADAPTSERVE_BATCHING": "on"},
     "no-access-log": {"BENTOML_CONFIG_OPTIONS": "services.adaptserve.logging.access.enabled=false"},
     "batching-1s": {"ADAPTSERVE_BATCHING": "on", "ADAPTSERVE_BATCH_MAX_LATENCY_MS": "1000"},
+    "bentoml-bare": {},
 }
+BARE_BODIES = ("bare", "bentoml-bare")  # the kinds that get the bare server's requests
 DEFAULT_KINDS = ["bare", "service", "no-drift", "batching"]
 
 
@@ -62,8 +66,13 @@ class Server(ServeProcess):
     def __init__(self, kind: str, model: Path, logdir: Path):
         self.kind = kind
         port = free_port()
-        argv = ([sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), str(model), "--port", "{port}",
-                 "--threads", "1"] if kind == "bare" else None)
+        argv = None
+        if kind == "bare":
+            argv = [sys.executable, str(ROOT / "benchmarks" / "bare_server.py"), str(model), "--port", "{port}",
+                    "--threads", "1"]
+        elif kind == "bentoml-bare":
+            argv = [str(Path(sys.executable).parent / "bentoml"), "serve", "bentoml_bare:BentoBare", "--working-dir",
+                    str(ROOT / "benchmarks"), "--host", "127.0.0.1", "--port", "{port}"]
         super().__init__(model, logdir / f"{kind}-{port}.log", port=port, argv=argv, ADAPTSERVE_THREADS=1,
                          OMP_NUM_THREADS=1, **KINDS[kind])
 
@@ -243,7 +252,7 @@ def main() -> None:
                     order = list(servers)[r % len(servers):] + list(servers)[:r % len(servers)]
                     for kind in order:
                         s = servers[kind]
-                        reqs = [request_bytes(s.port, *r) for r in bodies["bare" if kind == "bare" else "service"]]
+                        reqs = [request_bytes(s.port, *r) for r in bodies["bare" if kind in BARE_BODIES else "service"]]
                         load(s.port, reqs[:2], 1, 0.3)  # warm-up: connection, first ORT run
                         samples, wall = load(s.port, reqs, c, args.seconds)
                         pooled[kind][0].extend(samples)
