@@ -338,6 +338,9 @@ async def docs_route(request: Request):
 
 api.router.routes.extend(oip.routes(info=lambda: service().oip_info, infer=lambda x: service().infer_async(x),
                                     ready=lambda: True, max_images=lambda: SETTINGS.max_images))
+# The inference routes first: a request is matched against the routes in order — twice, by BentoML's mount and
+# then by this router — and the regex matches before the OIP infer route cost ≈ 50 µs of a ≈ 330 µs request.
+api.router.routes.sort(key=lambda r: "POST" not in (getattr(r, "methods", None) or ()))
 
 
 class ContentTypes:

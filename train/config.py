@@ -47,6 +47,9 @@ class TrainConfig:
     vat_radius: float = 3.5          # VAT perturbation radius (L2, on the normalised image; the reference code's 3.5)
     input_norm: str = "dataset"      # dataset: (x/255 − mean)/std | instance: each image and channel to mean 0, std 1 (in the ONNX graph)
     mmd_weight: float = 0.0          # weight of the MK-MMD² between source and target features (DAN) in the loss; 0: off
+    pseudo_weight: float = 0.0       # weight of self-training on confident target pseudo-labels (train/selftrain.py); 0: off
+    pseudo_threshold: float = 0.9    # a target row is pseudo-labelled when the teacher's max softmax is at least this
+    pseudo_start: float = 0.5        # fraction of the steps after which the pseudo-label term is on
     grad_clip: float = 0.0           # clip the gradient's total norm to this before each step; 0: off
     warmup_steps: int = 0            # linear lr warm-up over the first N steps (then the schedule); 0: off
     lr_alpha: float = 10.0           # α of the lr schedule lr_p = μ0/(1+αp)^β
@@ -118,6 +121,8 @@ class TrainConfig:
             raise ValueError(f"--input-norm must be dataset or instance, not {self.input_norm!r}")
         if min(self.vada_source_weight, self.vada_target_weight, self.vat_radius) < 0:
             raise ValueError("--vada-source-weight, --vada-target-weight and --vat-radius must be >= 0")
+        if self.pseudo_weight < 0 or not 0 <= self.pseudo_threshold < 1 or not 0 <= self.pseudo_start <= 1:
+            raise ValueError("--pseudo-weight must be >= 0, --pseudo-threshold in [0, 1) and --pseudo-start in [0, 1]")
         if self.mmd_weight < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("--mmd-weight, --grad-clip and --warmup-steps must be >= 0 (0 switches each off)")
         if self.warmup_steps >= self.steps:

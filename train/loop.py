@@ -4,6 +4,7 @@ One step draws B source and B target images, runs them through the network in *o
 batch (so BatchNorm sees both domains together; ``--bn-per-domain``: as two batches), and minimises
 
     CE(source logits, source labels) + domain_loss(G_d(R_λ(f))) [+ w · MK-MMD²(f_s, f_t)]   (train/dann.py)
+        [+ w_pl · L_pl(target pseudo-labels of the EMA teacher), from pseudo_start on]  (train/selftrain.py)
 
 With k sources (``--source`` repeated) a step draws B images from each, then B target images: ``dann``
 and ``source-only`` treat the k·B source rows as one source (each source equally often); ``mdan`` adds
@@ -37,6 +38,7 @@ from adaptserve.train.dann import (dann_lambda, domain_loss, entropy_weights, lr
 from adaptserve.train.data import Dataset, holdout_split, load
 from adaptserve.train.ema import EMA, refresh_bn
 from adaptserve.train.evaluate import accuracy, diagnose, evaluate, predict
+from adaptserve.train.selftrain import pseudo_label_loss, teacher_probs
 from adaptserve.train.vada import vada_loss
 from adaptserve.train.validators import score as validator_score
 from adaptserve.train.models import ARCH_INPUT, build_model
@@ -250,7 +252,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} {cfg.source_name}→{cfg.target}",
                disable=not (main and progress), unit="step", dynamic_ncols=True, mininterval=1.0)
     acc_sum = torch.zeros(4, device=device)  # loss_cls, loss_domain, batch source acc, batch domain acc
-    aux_sum: dict[str, torch.Tensor] = {}  # the optional terms' values: loss_mmd, grad_norm, clipped, loss_vat_t, ...
+    aux_sum: dict[str, list] = {}  # the optional terms' [sum, steps]: loss_mmd, grad_norm, clipped, loss_pseudo, ...
     per_sum = torch.zeros(S, 4, device=device)  # each source's class loss, batch acc, domain acc, weight
     acc_n = 0
     n_src = S * B  # source rows at the front of each step's batch, B per source, then B target rows
@@ -292,6 +294,10 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             if cfg.mmd_weight > 0:
                 aux["loss_mmd"] = mk_mmd(f[:n_src], f[n_src:])
                 loss = loss + cfg.mmd_weight * aux["loss_mmd"]
+            if cfg.pseudo_weight > 0 and p >= cfg.pseudo_start:  # self-training: the EMA teacher's confident labels
+                q = teacher_probs(ema.model if ema is not None else None, x[n_src:], logits[n_src:])
+                aux["loss_pseudo"], aux["pseudo_used"] = pseudo_label_loss(logits[n_src:].float(), q, cfg.pseudo_threshold)
+                loss = loss + cfg.pseudo_weight * aux["loss_pseudo"]
             if cfg.method == "vada":
                 extra, terms = vada_loss(model, x, logits, n_src, cfg.vada_source_weight, cfg.vada_target_weight,
                                          cfg.vat_radius)
@@ -313,8 +319,9 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             dom_correct = balanced(d_ship[:n_src], d_ship[n_src:])  # balanced: k·B source rows vs B target rows
             hit = (logits[:n_src].argmax(1) == y).float().view(S, B).mean(1)
             acc_sum += torch.stack([loss_cls.detach(), loss_dom.detach(), hit.mean(), dom_correct])
-            for k, v in aux.items():
-                aux_sum[k] = aux_sum.get(k, 0.0) + v.detach().float()
+            for k, v in aux.items():  # summed over the steps that had the term (loss_pseudo starts late)
+                acc = aux_sum.setdefault(k, [0.0, 0])
+                acc[0], acc[1] = acc[0] + v.detach().float(), acc[1] + 1
             if per_source:
                 d_src = d[:, 1:] if cfg.method == "mdan" else d_ship.unsqueeze(1).expand(-1, S)
                 dacc = torch.stack([balanced(d_src[i * B:(i + 1) * B, i], d_src[n_src:, i]) for i in range(S)])
@@ -327,7 +334,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                    "loss_domain": ld, "batch_source_acc": sa, "batch_domain_acc": da,
                    "images_per_s": images_seen / (time.perf_counter() - t0 - eval_time)}
             # means over the interval; grad_norm is before clipping, clipped the fraction of steps clipped
-            rec.update({k: float(v) / acc_n for k, v in aux_sum.items()})
+            rec.update({k: float(v) / n for k, (v, n) in aux_sum.items()})
             if per_source:  # domain_acc: source i vs target by G_d^i (mdan) or the one G_d
                 rec["per_source"] = {name: dict(zip(("loss_cls", "batch_acc", "domain_acc", "weight"), v))
                                      for name, v in zip(cfg.sources, (per_sum / acc_n).tolist())}

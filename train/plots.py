@@ -39,9 +39,12 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
         ax.plot(s, [r["loss_cls"] for r in train], label="source classification")
         ax.plot(s, [r["loss_domain"] for r in train], label="domain (G_d)")
         for key, label in (("loss_mmd", "MK-MMD² (source vs target features)"), ("loss_ent_t", "target entropy (VADA)"),
-                           ("loss_vat_t", "VAT, target (VADA)"), ("loss_vat_s", "VAT, source (VADA)")):
-            if key in train[0]:  # the optional terms of --mmd-weight and --method vada
-                ax.plot(s, [r[key] for r in train], label=label)
+                           ("loss_vat_t", "VAT, target (VADA)"), ("loss_vat_s", "VAT, source (VADA)"),
+                           ("loss_pseudo", "target pseudo-labels (self-training)"),
+                           ("pseudo_used", "fraction of target rows pseudo-labelled")):
+            rows = [r for r in train if key in r]  # the optional terms (--mmd-weight, vada, --pseudo-weight from
+            if rows:                               # --pseudo-start on)
+                ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
         ax.axhline(2 * np.log(2), ls=":", c="grey", label="domain loss at chance (2 ln 2)")
     ax.set(title="training losses", xlabel="step")
     ax.legend(fontsize=8)
