@@ -160,6 +160,8 @@ def run_graphs(classifier, discriminator, x: np.ndarray, batch_size: int = 1024)
         p_target = (discriminator.run(["p_target"], {k: feeds[k] for k in disc_inputs})[0]
                     if discriminator is not None else None)
         parts.append((probs, logits, feats, p_target))
+    if len(parts) == 1:  # one chunk (every request the service gets): no copies
+        return parts[0]
     return tuple(None if c[0] is None else np.concatenate(c) for c in zip(*parts))
 
 
