@@ -57,9 +57,11 @@ def metrics() -> dict:
 class DriftMonitor:
     """Buffers model outputs and checks full windows of W images on one background thread.
 
-    ``budget`` caps the checks' share of time: after a check that took t seconds, the next check starts no
-    sooner than t·(1/budget − 1) seconds later, so at most ~``budget`` of one core goes to drift checks
-    however heavy the traffic. Windows that fill up during that cool-down are not all dropped: the most
+    ``budget`` caps the checks' share of time: after a check that took t seconds of CPU (its thread's CPU
+    time: on a busy machine wall time would overstate it), the next check starts no sooner than
+    t·(1/budget − 1) seconds later, so at most ~``budget`` of one core goes to drift checks however heavy
+    the traffic. The first check of a process also pays one-off imports (scipy) and caches; it sets no
+    cool-down. Windows that fill up during that cool-down are not all dropped: the most
     recent one is kept and checked when the cool-down ends (older ones are counted in ``windows_skipped``),
     so the status after a burst always reflects the burst's last window. At the default 5 % and a check of
     ≈ 3.5 ms (W = 200, docs/benchmarks.md §6), every window is checked up to ≈ 2,800 images/s; above that,
@@ -129,7 +131,7 @@ class DriftMonitor:
         self._check(window)
 
     def _check(self, window) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             result = self.ref.check(*window)
         except Exception:  # a bug, not the client's: log it, keep serving
@@ -138,10 +140,11 @@ class DriftMonitor:
                 self.errors += 1
                 self._pending -= 1
             return
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
         tests = self.ref.tests(result)
         with self._lock:
-            self._next_check_at = time.monotonic() + seconds * (1 / self.budget - 1)
+            if self.windows_checked:
+                self._next_check_at = time.monotonic() + cpu * (1 / self.budget - 1)
             self._pending -= 1
             self.windows_checked += 1
             self.alarms += bool(result["drift"])

@@ -39,6 +39,7 @@ import os
 import time
 from pathlib import Path
 
+import anyio
 import numpy as np
 
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -46,7 +47,7 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 import bentoml  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
-from starlette.concurrency import run_in_threadpool  # noqa: E402
+from starlette.routing import Route  # noqa: E402
 
 from adaptserve.service import bentoml_patches, http, oip  # noqa: E402
 from adaptserve.service.auth import ApiKeyMiddleware  # noqa: E402
@@ -168,11 +169,16 @@ class AdaptService:
         name, _, version = self.tag.partition(":")
         self.oip_info = oip.ModelInfo(name=Path(name).name if s.model_is_folder else name, version=version or "1",
                                       spec=self.spec, n_classes=len(self.classes), n_features=self._feature_dim())
+        # Work off the event loop (decoding, inference of > INLINE_MAX_IMAGES) runs in at most
+        # ADAPTSERVE_CONCURRENCY threads at once, not in every thread of the pool (40): more gains nothing
+        # on s.concurrency cores, and ORT's and malloc's arenas keep the high-water mark of what ran at once.
+        self.work = anyio.CapacityLimiter(s.concurrency)
         tune_gc()
-        log.info("adaptserve: model %s (%s) on %s, drift checks %s, adaptive batching %s, opened in %.2f s",
+        log.info("adaptserve: model %s (%s) on %s, drift checks %s, adaptive batching %s, work off the event "
+                 "loop %d at once, opened in %.2f s",
                  self.tag, self.spec, self.runtime.providers, f"on (window {ref.window})" if self.monitor else "off",
                  f"on (max {s.batch_max_size} images, {s.batch_max_latency_ms} ms)" if s.batching else "off",
-                 time.perf_counter() - t0)
+                 s.concurrency, time.perf_counter() - t0)
 
     def _feature_dim(self) -> int:
         """D of the ``features`` output (one zero image through the classifier, which also warms it up)."""
@@ -199,12 +205,16 @@ class AdaptService:
         if self.monitor is not None:
             self.monitor.add(out["p_target"], out["probabilities"], out["features"])
 
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` in a worker thread, at most ``ADAPTSERVE_CONCURRENCY`` at once."""
+        return await anyio.to_thread.run_sync(fn, *args, limiter=self.work)
+
     async def infer_async(self, x: np.ndarray) -> dict[str, np.ndarray]:
         if self.settings.batching:
             out = await self._batched(x)
             self.observe(out)
             return out
-        return self.infer(x) if len(x) <= INLINE_MAX_IMAGES else await run_in_threadpool(self.infer, x)
+        return self.infer(x) if len(x) <= INLINE_MAX_IMAGES else await self.off_loop(self.infer, x)
 
     def body(self, out: dict[str, np.ndarray], filenames: list[str] | None = None) -> dict:
         """The response of N predictions (the fields of :class:`Prediction`)."""
@@ -266,7 +276,7 @@ class AdaptService:
             raise HTTPError(413, f"{len(files)} files in one request; the limit is {self.settings.max_images} "
                                  "(ADAPTSERVE_MAX_IMAGES)")
         named = [(bentoml_patches.upload_filename(f), f.read_bytes()) for f in files]
-        x = await run_in_threadpool(self.files, named)
+        x = await self.off_loop(self.files, named)
         return json_response(self.body(await self.infer_async(x), [n for n, _ in named]))
 
     # -- GET /drift and GET /model (routes of the mounted app: BentoML's client reaches them with
@@ -293,14 +303,14 @@ class AdaptService:
             images, resize = parse_images(body, ctype, self.settings.max_images)
             return self.conform(images, resize or query_flag(request.url.query, "resize"))
 
-        x = prepare() if len(body) <= 64 << 10 else await run_in_threadpool(prepare)
+        x = prepare() if len(body) <= 64 << 10 else await self.off_loop(prepare)
         return json_response(self.body(await self.infer_async(x)))
 
     @guarded
     async def raw_classify(self, request: Request):
         body = await read_body(request)
         named = await parse_uploads(request.headers, body, self.settings.max_images)
-        x = await run_in_threadpool(self.files, named)
+        x = await self.off_loop(self.files, named)
         return json_response(self.body(await self.infer_async(x), [n for n, _ in named]))
 
 
@@ -341,6 +351,10 @@ api.router.routes.extend(oip.routes(info=lambda: service().oip_info, infer=lambd
 # The inference routes first: a request is matched against the routes in order — twice, by BentoML's mount and
 # then by this router — and the regex matches before the OIP infer route cost ≈ 50 µs of a ≈ 330 µs request.
 api.router.routes.sort(key=lambda r: "POST" not in (getattr(r, "methods", None) or ()))
+# FastAPI documents the two raw routes above in /docs.json; plain Starlette routes in front of them serve the
+# requests, without FastAPI's per-request dependency solving and response handling.
+api.router.routes[:0] = [Route("/raw/predict", raw_predict_route, methods=["POST"]),
+                         Route("/raw/classify", raw_classify_route, methods=["POST"])]
 
 
 class ContentTypes:

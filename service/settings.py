@@ -7,6 +7,7 @@
 | ``ADAPTSERVE_MODEL`` | the bento's model, else ``adaptserve-dann:latest`` | store tag or exported folder |
 | ``ADAPTSERVE_DEVICE`` | ``auto`` | ``auto`` / ``cpu`` / ``cuda`` (ONNX Runtime provider) |
 | ``ADAPTSERVE_THREADS`` | 0 | ORT intra-op threads (0 = ORT's choice) |
+| ``ADAPTSERVE_CONCURRENCY`` | CPU cores, at most 8 | requests whose decoding and inference run at once off the event loop; the others wait their turn (bounds memory) |
 | ``ADAPTSERVE_MAX_IMAGES`` | 1024 | images (or files) per request |
 | ``ADAPTSERVE_MAX_BYTES`` | 64 MiB | bytes per request body |
 | ``ADAPTSERVE_MAX_PIXELS`` | 4096 × 4096 | pixels of one uploaded image file (read from its header) |
@@ -101,6 +102,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     device: str = "auto"
     threads: int = 0
+    concurrency: int = min(8, os.cpu_count() or 1)
     max_images: int = 1024
     max_bytes: int = 64 << 20
     max_pixels: int = 4096 * 4096
@@ -140,6 +142,7 @@ class Settings:
             model=env.get("ADAPTSERVE_MODEL") or bundled or DEFAULT_MODEL,
             device=device,
             threads=_int(env, "ADAPTSERVE_THREADS", 0, minimum=0),
+            concurrency=_int(env, "ADAPTSERVE_CONCURRENCY", cls.concurrency),
             max_images=_int(env, "ADAPTSERVE_MAX_IMAGES", cls.max_images),
             max_bytes=_int(env, "ADAPTSERVE_MAX_BYTES", cls.max_bytes),
             max_pixels=max_pixels,
