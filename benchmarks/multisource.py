@@ -56,13 +56,14 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--input-norm", default="dataset", choices=("dataset", "instance"), help="every run's input norm")
+    ap.add_argument("--input-norm", default=None, choices=("dataset", "instance"),
+                    help="every run's input norm (default: the recipe's — instance for the digits recipe)")
     ap.add_argument("--mmd-weight", type=float, default=0.0, help="every run's MMD weight (0 = off)")
     ap.add_argument("--mdan-gamma", type=float, default=None, help="MDAN soft's γ (default: the trainer's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/multisource"))
     ap.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = ap.parse_args()
-    common = {"input_norm": args.input_norm, "mmd_weight": args.mmd_weight,
+    common = {"mmd_weight": args.mmd_weight, **({"input_norm": args.input_norm} if args.input_norm else {}),
               **({"mdan_gamma": args.mdan_gamma} if args.mdan_gamma is not None else {})}
     results = []
     for target in args.targets:

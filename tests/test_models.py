@@ -117,3 +117,18 @@ def test_every_training_option_has_cli_help():
     helps = field_help()
     assert helps["bn_per_domain"].startswith("source and target through BatchNorm")
     assert [f.name for f in fields(TrainConfig) if not helps.get(f.name)] == []
+
+
+def test_instance_norm_ignores_brightness_and_contrast_the_fixed_norm_does_not():
+    """--input-norm instance (the digits recipe's default): x → a + c·x per image leaves G_f's input
+    unchanged up to uint8 rounding, while the fixed (x/255 − 0.5)/0.5 moves with it."""
+    from adaptserve.train.models import Normalize
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(40, 180, (4, 28, 28, 3), generator=g).float()
+    changed = (30 + 0.6 * x).round().to(torch.uint8)  # brighter and lower contrast, no clipping
+    inst, fixed = Normalize([0.5] * 3, [0.5] * 3, instance=True), Normalize([0.5] * 3, [0.5] * 3)
+    assert (inst(changed) - inst(x.to(torch.uint8))).abs().max() < 0.03
+    assert (fixed(changed) - fixed(x.to(torch.uint8))).abs().max() > 0.2
+    from adaptserve.train.recipes import resolve
+    assert resolve("auto", "auto", "mnist", "mnist_m")[1]["input_norm"] == "instance"
+    assert "input_norm" not in resolve("auto", "auto", "usps", "mnist")[1]  # lenet: not measured with it

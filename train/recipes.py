@@ -11,7 +11,8 @@ recipe     for                                              what it sets
 paper      anything                                         nothing: the paper's SGD recipe, exactly the old default
 digits     28/32-px colour digits (MNIST, MNIST-M, SVHN,    fungtion/DANN's BN CNN at 28 px, Adam 1e-3, BN per
            the demo pair): dann_mnist*, dann_svhn           domain, G_d with BN, batch 128 — plus a cosine lr decay
-                                                            over the last 25 % of steps and EMA weights
+                                                            over the last 25 % of steps, EMA weights and each
+                                                            image normalised on its own (``input_norm: instance``)
 lenet      USPS pairs: lenet, lenet_bn                      TLlib's digit setting: LeNet, batch 128, SGD μ0 0.1
                                                             (the paper's schedules) — plus EMA weights
 resnet     image folders: resnet18, resnet50                the paper's layered-lr SGD (backbone lr × 0.1) at
@@ -25,7 +26,7 @@ RECIPES: dict[str, dict] = {
     "paper": {},
     "digits": {"arch": "dann_mnist_bn28", "optimizer": "adam", "lr": 0.001, "lr_schedule": False,
                "weight_decay": 0.0, "batch_size": 128, "bn_per_domain": True, "disc_bn": True,
-               "lr_decay_tail": 0.25, "ema": 0.999},
+               "lr_decay_tail": 0.25, "ema": 0.999, "input_norm": "instance"},
     "lenet": {"arch": "lenet", "batch_size": 128, "lr": 0.1, "ema": 0.999},
     "resnet": {"arch": "resnet50", "batch_size": 32, "ema": 0.999},
 }
