@@ -353,8 +353,8 @@ api.router.routes.extend(oip.routes(info=lambda: service().oip_info, infer=lambd
 api.router.routes.sort(key=lambda r: "POST" not in (getattr(r, "methods", None) or ()))
 # FastAPI documents the two raw routes above in /docs.json; plain Starlette routes in front of them serve the
 # requests, without FastAPI's per-request dependency solving and response handling.
-api.router.routes[:0] = [Route("/raw/predict", raw_predict_route, methods=["POST"]),
-                         Route("/raw/classify", raw_classify_route, methods=["POST"])]
+api.router.routes[:0] = [Route(r.path, r.endpoint, methods=sorted(r.methods)) for r in api.routes
+                         if r.path.startswith("/raw/")]
 
 
 class ContentTypes:
