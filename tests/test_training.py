@@ -100,8 +100,9 @@ def _train_cmd(cli, out, steps, extra=()):
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cli):
     steps = 120
-    subprocess.run(_train_cmd(cli, tmp_path / "full", steps), check=True, capture_output=True)
-    kill_and_resume(cli, _train_cmd(cli, tmp_path / "killed", steps), tmp_path / "killed", steps)
+    aug = ["--aug-rotate", "10", "--aug-scale", "0.3", "--aug-shift", "0.1"]  # its draws must repeat on resume too
+    subprocess.run(_train_cmd(cli, tmp_path / "full", steps, aug), check=True, capture_output=True)
+    kill_and_resume(cli, _train_cmd(cli, tmp_path / "killed", steps, aug), tmp_path / "killed", steps)
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     a = ckpt_io.load(tmp_path / "full" / "checkpoints" / "last.pt")
     b = ckpt_io.load(last)

@@ -50,6 +50,9 @@ class TrainConfig:
     pseudo_weight: float = 0.0       # weight of self-training on confident target pseudo-labels (train/selftrain.py); 0: off
     pseudo_threshold: float = 0.9    # a target row is pseudo-labelled when the teacher's max softmax is at least this
     pseudo_start: float = 0.5        # fraction of the steps after which the pseudo-label term is on
+    aug_rotate: float = 0.0          # random rotation of each training image (source and target), ± degrees; 0: off
+    aug_scale: float = 0.0           # random zoom of each training image by a factor in [1/(1+s), 1+s]; 0: off
+    aug_shift: float = 0.0           # random shift of each training image, ± this fraction of its size; 0: off
     grad_clip: float = 0.0           # clip the gradient's total norm to this before each step; 0: off
     warmup_steps: int = 0            # linear lr warm-up over the first N steps (then the schedule); 0: off
     lr_alpha: float = 10.0           # α of the lr schedule lr_p = μ0/(1+αp)^β
@@ -125,6 +128,9 @@ class TrainConfig:
             raise ValueError("--pseudo-weight must be >= 0, --pseudo-threshold in [0, 1) and --pseudo-start in [0, 1]")
         if self.mmd_weight < 0 or self.grad_clip < 0 or self.warmup_steps < 0:
             raise ValueError("--mmd-weight, --grad-clip and --warmup-steps must be >= 0 (0 switches each off)")
+        if not (0 <= self.aug_rotate <= 180 and 0 <= self.aug_scale <= 1 and 0 <= self.aug_shift <= 0.5):
+            raise ValueError("--aug-rotate must be in [0, 180] degrees, --aug-scale in [0, 1] and --aug-shift in "
+                             "[0, 0.5] of the image size (0 switches each off)")
         if self.warmup_steps >= self.steps:
             raise ValueError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")
         if self.arch == "auto":

@@ -6,6 +6,9 @@ batch (so BatchNorm sees both domains together; ``--bn-per-domain``: as two batc
     CE(source logits, source labels) + domain_loss(G_d(R_λ(f))) [+ w · MK-MMD²(f_s, f_t)]   (train/dann.py)
         [+ w_pl · L_pl(target pseudo-labels of the EMA teacher), from pseudo_start on]  (train/selftrain.py)
 
+With ``--aug-rotate/--aug-scale/--aug-shift`` the network trains on randomly rotated, zoomed and shifted
+copies of the step's images (train/augment.py) while the EMA teacher labels the plain target images.
+
 With k sources (``--source`` repeated) a step draws B images from each, then B target images: ``dann``
 and ``source-only`` treat the k·B source rows as one source (each source equally often); ``mdan`` adds
 each source's own G_d^i and minimises :func:`train.dann.mdan_loss` of the per-source losses, while G_d
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
 from adaptserve.train import checkpoint as ckpt_io
+from adaptserve.train.augment import random_affine, step_generator
 from adaptserve.train.config import TrainConfig
 from adaptserve.train.dann import (dann_lambda, domain_loss, entropy_weights, lr_factor, mdan_loss, mk_mmd, tail_factor,
                         warmup_factor)
@@ -257,6 +261,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     acc_n = 0
     n_src = S * B  # source rows at the front of each step's batch, B per source, then B target rows
     per_source = S > 1 or cfg.method == "mdan"  # per-source class losses, accuracies, weights in the log
+    augment = max(cfg.aug_rotate, cfg.aug_scale, cfg.aug_shift) > 0
     balanced = lambda d_s, d_t: ((d_s < 0).float().mean() + (d_t >= 0).float().mean()) / 2  # noqa: E731
     net.train()
     for step in range(start, cfg.steps):
@@ -273,6 +278,9 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         idx = [i.to(xt_all.device) for i in idx]
         x = torch.cat([xs[i] for xs, i in zip([*xs_all, xt_all], idx)]).to(device, non_blocking=True)
         y = torch.cat([ys[i] for ys, i in zip(ys_all, idx)]).to(device, non_blocking=True)
+        x_plain = x  # the EMA teacher labels plain target images; the student sees augmented ones
+        if augment:
+            x = random_affine(x, step_generator(cfg.seed, step, rank), cfg.aug_rotate, cfg.aug_scale, cfg.aug_shift)
 
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, f, d = net(x, lam, B if cfg.bn_per_domain else None)
@@ -295,7 +303,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                 aux["loss_mmd"] = mk_mmd(f[:n_src], f[n_src:])
                 loss = loss + cfg.mmd_weight * aux["loss_mmd"]
             if cfg.pseudo_weight > 0 and p >= cfg.pseudo_start:  # self-training: the EMA teacher's confident labels
-                q = teacher_probs(ema.model if ema is not None else None, x[n_src:], logits[n_src:])
+                q = teacher_probs(ema.model if ema is not None else None, x_plain[n_src:], logits[n_src:])
                 aux["loss_pseudo"], aux["pseudo_used"] = pseudo_label_loss(logits[n_src:].float(), q, cfg.pseudo_threshold)
                 loss = loss + cfg.pseudo_weight * aux["loss_pseudo"]
             if cfg.method == "vada":
