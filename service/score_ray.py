@@ -62,11 +62,13 @@ class Scorer:
 
         from adaptserve.service.runtime import Model
 
-        self.dir = tempfile.TemporaryDirectory(prefix="adaptserve-actor-")
         files = ray.get(files_ref[0])  # wrapped in a list: Ray passes the ref itself, not its value
-        for name, data in files.items():
-            (Path(self.dir.name) / name).write_bytes(data)
-        self.model = Model.open(self.dir.name, device=device, threads=threads)  # IntegrityError if not the same
+        # Ray ends actors without running finalisers, so the folder goes as soon as the model is in memory
+        with tempfile.TemporaryDirectory(prefix="adaptserve-actor-") as folder:
+            for name, data in files.items():
+                (Path(folder) / name).write_bytes(data)
+            self.model = Model.open(folder, device=device, threads=threads)  # IntegrityError if not the same
+            _ = self.model.drift_reference  # loaded now (it is read lazily), while its file exists
         self.kind, self.source, self.classes, self.labelled = kind, source, classes, labelled
         self.max_pixels, self.drift, self.crash_once = max_pixels, drift, crash_once
         self.arrays = None
