@@ -35,8 +35,8 @@ def random_affine(x: torch.Tensor, generator: torch.Generator, rotate: float = 0
     [1/(1+``scale``), 1+``scale``] and shifted by ±``shift`` of its size; same shape and dtype."""
     n = len(x)
     u = lambda: torch.rand(n, generator=generator) * 2 - 1  # noqa: E731  U(−1, 1), n draws
-    theta_deg, zoom_u, tx, ty = u(), u(), u(), u()
-    angle = theta_deg * math.radians(rotate)
+    rot_u, zoom_u, tx, ty = u(), u(), u(), u()
+    angle = rot_u * math.radians(rotate)
     inv_zoom = (1.0 + scale) ** -zoom_u
     cos, sin = torch.cos(angle) * inv_zoom, torch.sin(angle) * inv_zoom
     mat = torch.stack([torch.stack([cos, -sin, 2 * shift * tx], 1),
