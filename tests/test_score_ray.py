@@ -5,6 +5,8 @@ model, a missing extra. One local Ray (2 CPUs) for the whole module; the tiny mo
 import csv
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,9 +101,6 @@ def test_ray_rows_and_drift_report_equal_the_local_scorers(local_ray, model, inp
 def test_a_worker_that_dies_mid_run_loses_no_row_and_repeats_none(local_ray, model, inputs, tmp_path, monkeypatch,
                                                                    capsys):
     from adaptserve.service import score_ray
-
-    import tempfile
-    from pathlib import Path
 
     marker = tmp_path / "crashed"
     monkeypatch.setenv(score_ray.CRASH_ONCE, str(marker))
