@@ -2,7 +2,7 @@
 
     ADAPTSERVE_DATA=../shared/data python benchmarks/multisource.py --steps 3000 --seeds 0 1 2 \\
         --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--report] \\
-        [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1]
+        [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1] [--pseudo-weight 1]
 
 For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
 Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
@@ -10,9 +10,10 @@ single source, picked by target accuracy: an oracle baseline, as in the MDAN pap
 anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``.
 Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--arch
 auto``: the digits recipe's 28×28×3 CNN when a colour domain is present), so the columns differ only in the
-method; ``--input-norm``, ``--mmd-weight``, ``--mdan-gamma`` and ``--aug`` apply to every run of the benchmark (give each
-setting its own ``--out``). Each run is an ordinary ``adaptserve train`` run directory: finished runs are skipped, a killed one is
-resumed from its last checkpoint. Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
+method; ``--input-norm``, ``--mmd-weight``, ``--mdan-gamma``, ``--aug`` and ``--pseudo-weight`` apply to
+every run of the benchmark (give each setting its own ``--out``). Each run is an ordinary ``adaptserve
+train`` run directory: finished runs are skipped, a killed one is resumed from its last checkpoint.
+Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
 """
 
 from __future__ import annotations
@@ -62,10 +63,12 @@ def main() -> None:
     ap.add_argument("--mdan-gamma", type=float, default=None, help="MDAN soft's γ (default: the trainer's)")
     ap.add_argument("--aug", nargs=3, type=float, default=None, metavar=("ROTATE", "SCALE", "SHIFT"),
                     help="every run's --aug-rotate/--aug-scale/--aug-shift (default: none)")
+    ap.add_argument("--pseudo-weight", type=float, default=0.0,
+                    help="every run's self-training weight (train/selftrain.py, from half the steps on; 0 = off)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/multisource"))
     ap.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = ap.parse_args()
-    common = {"mmd_weight": args.mmd_weight, **({"input_norm": args.input_norm} if args.input_norm else {}),
+    common = {"mmd_weight": args.mmd_weight, "pseudo_weight": args.pseudo_weight, **({"input_norm": args.input_norm} if args.input_norm else {}),
               **({"mdan_gamma": args.mdan_gamma} if args.mdan_gamma is not None else {}),
               **(dict(zip(("aug_rotate", "aug_scale", "aug_shift"), args.aug)) if args.aug else {})}
     results = []
