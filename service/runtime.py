@@ -45,12 +45,17 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise IntegrityError(f"{folder} is not an adaptserve model: no {MANIFEST}")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(data: bytes, where: str | os.PathLike) -> dict:
+    """``manifest.json``'s bytes → the manifest; :class:`IntegrityError` (naming ``where``) if it is not one."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IntegrityError(f"{path} is not valid JSON: {e}") from None
+        raise IntegrityError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "files" not in manifest:
-        raise IntegrityError(f"{path} is not an {FORMAT} manifest")
+        raise IntegrityError(f"{where} is not an {FORMAT} manifest")
     return manifest
 
 
@@ -58,18 +63,24 @@ def verify(folder: str | os.PathLike, manifest: dict | None = None) -> dict:
     """Check every file listed in the manifest against its sha256 and size; return the manifest."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
+    return check_files(manifest, folder, lambda name: sha256_file(folder / name) if (folder / name).is_file() else None)
+
+
+def check_files(manifest: dict, where: str | os.PathLike, digest) -> dict:
+    """Every file the manifest lists has ``digest(name)`` (its sha256, None if absent) as recorded: the check
+    shared by a folder (:func:`verify`) and files held in memory (:meth:`Model.from_files`)."""
     missing = [name for name in FILES if name not in manifest["files"]]
     if missing:
-        raise IntegrityError(f"{folder / MANIFEST} does not list {', '.join(missing)}")
+        raise IntegrityError(f"{Path(where) / MANIFEST} does not list {', '.join(missing)}")
     for name, entry in manifest["files"].items():
-        path = folder / name
+        path = Path(where) / name
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise IntegrityError(f"{folder / MANIFEST} lists a file outside the model folder: {name!r}")
-        if not path.is_file():
+            raise IntegrityError(f"{Path(where) / MANIFEST} lists a file outside the model folder: {name!r}")
+        digest_now = digest(name)
+        if digest_now is None:
             raise IntegrityError(f"{path} is missing (listed in {MANIFEST})")
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise IntegrityError(f"{path} does not match its manifest: sha256 {digest[:16]}… expected "
+        if digest_now != entry["sha256"]:
+            raise IntegrityError(f"{path} does not match its manifest: sha256 {digest_now[:16]}… expected "
                                  f"{entry['sha256'][:16]}… — the file was modified or corrupted; re-export the model")
     return manifest
 
@@ -127,8 +138,8 @@ def providers(device: str = "auto") -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session(path: str | os.PathLike, device: str = "auto", threads: int = 0):
-    """An ``onnxruntime.InferenceSession`` with warnings suppressed and ``threads`` intra-op threads (0 = ORT).
+def session(path: str | os.PathLike | bytes, device: str = "auto", threads: int = 0):
+    """An ``onnxruntime.InferenceSession`` of a file or of a model's bytes, with warnings suppressed and ``threads`` intra-op threads (0 = ORT).
 
     Intra-op pool threads sleep between runs instead of spin-waiting: the scorer and the service run Python
     work (parsing, rows, drift checks) between ORT calls, and spinning threads took the CPU it needed — the
@@ -143,7 +154,7 @@ def session(path: str | os.PathLike, device: str = "auto", threads: int = 0):
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers(device))
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=so, providers=providers(device))
 
 
 def run_graphs(classifier, discriminator, x: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, ...]:
@@ -205,6 +216,25 @@ class Model:
         model = cls(path, manifest, tag, device, threads)
         model._sessions = (session(path / "model.onnx", device, threads),
                            session(path / "discriminator.onnx", device, threads))
+        return model
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], *, device: str = "auto", threads: int = 0,
+                   where: str = "<model in memory>") -> "Model":
+        """Open a model from its files' bytes (``manifest.json`` and every file it lists, as a folder holds them),
+        verified like :meth:`open`; nothing touches the disk (a Ray actor killed while opening leaves nothing)."""
+        import io
+
+        from adaptserve.service.drift import DriftReference
+
+        if MANIFEST not in files:
+            raise IntegrityError(f"{where} is not an adaptserve model: no {MANIFEST}")
+        manifest = parse_manifest(files[MANIFEST], f"{where}/{MANIFEST}")
+        check_files(manifest, where, lambda name: hashlib.sha256(files[name]).hexdigest() if name in files else None)
+        model = cls(Path(where), manifest, None, device, threads)
+        model._sessions = (session(files["model.onnx"], device, threads),
+                           session(files["discriminator.onnx"], device, threads))
+        model._drift = DriftReference.load(io.BytesIO(files["drift_reference.npz"]))
         return model
 
     @property

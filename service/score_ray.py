@@ -13,8 +13,9 @@ The same rows as the local scorer (:mod:`service.score`), computed by a pool of 
   encoded image bytes (column ``image``; optional ``path`` and ``label`` — a class index or name) at a
   local path or any URI pyarrow reads (``s3://``, ``gs://``, ``hdfs://``, ``file://``).
 - The model goes to every actor through Ray's object store (its files, a few MB), and each actor
-  verifies them against the manifest's sha256 before opening them, as the service does. A tampered model
-  is refused on the driver before any actor starts and before any row is written.
+  verifies them against the manifest's sha256 and opens them from memory (nothing written to its disk), as
+  the service verifies its folder. A tampered model is refused on the driver before any actor starts and
+  before any row is written.
 - Faults: an actor that dies is restarted by Ray Data and its batch retried (``max_restarts`` and
   ``max_task_retries`` are unbounded for actor pools); the driver writes each batch once, when it comes
   back, in order (``preserve_order``), so every row appears exactly once. An unreadable image is an error
@@ -32,7 +33,6 @@ The same rows as the local scorer (:mod:`service.score`), computed by a pool of 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,12 +63,8 @@ class Scorer:
         from adaptserve.service.runtime import Model
 
         files = ray.get(files_ref[0])  # wrapped in a list: Ray passes the ref itself, not its value
-        # Ray ends actors without running finalisers, so the folder goes as soon as the model is in memory
-        with tempfile.TemporaryDirectory(prefix="adaptserve-actor-") as folder:
-            for name, data in files.items():
-                (Path(folder) / name).write_bytes(data)
-            self.model = Model.open(folder, device=device, threads=threads)  # IntegrityError if not the same
-            _ = self.model.drift_reference  # loaded now (it is read lazily), while its file exists
+        # from the bytes, verified, nothing on disk: an actor killed while it opens the model leaves nothing behind
+        self.model = Model.from_files(files, device=device, threads=threads, where="the driver's model")
         self.kind, self.source, self.classes, self.labelled = kind, source, classes, labelled
         self.max_pixels, self.drift, self.crash_once = max_pixels, drift, crash_once
         self.arrays = None

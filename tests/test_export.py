@@ -144,6 +144,27 @@ def test_manifest_hashes_verify_and_a_flipped_byte_is_refused(exported, tmp_path
     assert issubclass(IntegrityError, ValueError)
 
 
+def test_a_model_opened_from_its_bytes_answers_like_its_folder_and_is_verified_the_same(exported):
+    """Model.from_files (what a Ray actor opens) = Model.open of the folder; a flipped byte or a missing file
+    in memory is refused with the folder's messages."""
+    folder = Path(exported["out"])
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    a, b = Model.open(folder, threads=1), Model.from_files(files, threads=1)
+    x = exported["images"][:50]
+    pa, pb = a.predict(x), b.predict(x)
+    np.testing.assert_array_equal(pa.probabilities, pb.probabilities)
+    np.testing.assert_array_equal(pa.p_target, pb.p_target)
+    np.testing.assert_array_equal(a.drift_reference.projections, b.drift_reference.projections)
+    flipped = bytearray(files["discriminator.onnx"])
+    flipped[len(flipped) // 2] ^= 0x01
+    with pytest.raises(IntegrityError, match="discriminator.onnx does not match its manifest"):
+        Model.from_files({**files, "discriminator.onnx": bytes(flipped)})
+    with pytest.raises(IntegrityError, match="drift_reference.npz is missing"):
+        Model.from_files({k: v for k, v in files.items() if k != "drift_reference.npz"})
+    with pytest.raises(IntegrityError, match="no manifest.json"):
+        Model.from_files({k: v for k, v in files.items() if k != "manifest.json"})
+
+
 def test_store_round_trip(exported):
     import bentoml
 

@@ -5,8 +5,6 @@ model, a missing extra. One local Ray (2 CPUs) for the whole module; the tiny mo
 import csv
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,13 +102,10 @@ def test_a_worker_that_dies_mid_run_loses_no_row_and_repeats_none(local_ray, mod
 
     marker = tmp_path / "crashed"
     monkeypatch.setenv(score_ray.CRASH_ONCE, str(marker))
-    copies = lambda: set(Path(tempfile.gettempdir()).glob("adaptserve-actor-*"))  # noqa: E731
-    before = copies()
     code, _, err = run(capsys, model["folder"], inputs["npz"], "--out", tmp_path / "ray.csv", "--engine", "ray",
                        "--batch-size", "64")
     assert code == 0, err
     assert marker.read_text() == "crashed"  # one actor did die on its first batch
-    assert copies() <= before  # not even the dead actor left its copy of the model behind
     monkeypatch.delenv(score_ray.CRASH_ONCE)
     code, _, err = run(capsys, model["folder"], inputs["npz"], "--out", tmp_path / "local.csv", "--batch-size", "64")
     assert code == 0, err
