@@ -1,8 +1,8 @@
 """Multi-source benchmark: best single source vs sources combined vs MDAN, per target, several seeds.
 
     ADAPTSERVE_DATA=../shared/data python benchmarks/multisource.py --steps 3000 --seeds 0 1 2 \\
-        --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--report] \\
-        [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1] [--pseudo-weight 1]
+        --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--single-from ...] \\
+        [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1] [--pseudo-weight 1] [--report]
 
 For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
 Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
@@ -41,10 +41,12 @@ def sources_for(target: str) -> list[str]:
     return [d for d in DOMAINS if d != target] + ["syn"]
 
 
-def runs_for(target: str) -> list[tuple[str, str, list[str], str, dict]]:
-    """(column, run name, sources, method, extra options) of every run for one target."""
+def runs_for(target: str, single_from: list[str] | None = None) -> list[tuple[str, str, list[str], str, dict]]:
+    """(column, run name, sources, method, extra options) of every run for one target; the ``single``
+    column's runs only from ``single_from`` when given."""
     sources = sources_for(target)
-    out = [("single", f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")]
+    out = [("single", f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")
+           if single_from is None or s in single_from]
     named = {"combined-so": ("source-only", {}), "combined-dann": ("dann", {}),
              "mdan-soft": ("mdan", {"mdan_mode": "soft"}), "mdan-hard": ("mdan", {"mdan_mode": "hard"})}
     return out + [(c, c, sources, *named[c]) for c in COLUMNS if c in named]
@@ -54,6 +56,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", nargs="+", default=list(DOMAINS), choices=DOMAINS)
     ap.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=COLUMNS)
+    ap.add_argument("--single-from", nargs="+", default=None, choices=(*DOMAINS, "syn"),
+                    help="train the single column only from these sources (default: every source of the target)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--threads", type=int, default=1)
@@ -75,7 +79,7 @@ def main() -> None:
     for target in args.targets:
         multi = TrainConfig.from_sources(None, source=sources_for(target), target=target).validate()
         for seed in args.seeds:  # seeds outside: a benchmark cut short has every column at the first seeds
-            for column, name, sources, method, extra in runs_for(target):
+            for column, name, sources, method, extra in runs_for(target, args.single_from):
                 out = args.out / target / f"{name}-s{seed}"
                 if not (out / "summary.json").exists() and not args.report and column in args.columns:
                     resume = (out / "checkpoints" / "last.pt").exists()
