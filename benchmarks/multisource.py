@@ -2,16 +2,19 @@
 
     ADAPTSERVE_DATA=../shared/data python benchmarks/multisource.py --steps 3000 --seeds 0 1 2 \\
         --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--single-from ...] \\
-        [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1] [--pseudo-weight 1] [--report]
+        [--recipe lenet] [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1] \\
+        [--pseudo-weight 1] [--report]
 
 For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
 Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
 single source, picked by target accuracy: an oracle baseline, as in the MDAN paper's tables, never a model
 anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``.
-Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--arch
-auto``: the digits recipe's 28×28×3 CNN when a colour domain is present), so the columns differ only in the
-method; ``--input-norm``, ``--mmd-weight``, ``--mdan-gamma``, ``--aug`` and ``--pseudo-weight`` apply to
-every run of the benchmark (give each setting its own ``--out``). Each run is an ordinary ``adaptserve
+Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--recipe
+auto``: the digits recipe's 28×28×3 CNN when a colour domain is present; ``--recipe lenet``: the USPS pairs'
+grey LeNet with its self-training and augmentation, colour sources seen as grey), so the columns differ only
+in the method; ``--steps``, ``--input-norm``, ``--mmd-weight``, ``--mdan-gamma``, ``--aug`` and
+``--pseudo-weight`` apply to every run of the benchmark when given, else the recipe's values hold (give each
+setting its own ``--out``). Each run is an ordinary ``adaptserve
 train`` run directory: finished runs are skipped, a killed one is resumed from its last checkpoint.
 Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
 """
@@ -59,25 +62,27 @@ def main() -> None:
     ap.add_argument("--single-from", nargs="+", default=None, choices=(*DOMAINS, "syn"),
                     help="train the single column only from these sources (default: every source of the target)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--recipe", default="auto", help="every run's recipe (train/recipes.py; default: auto)")
+    ap.add_argument("--steps", type=int, default=None, help="every run's steps (default: the recipe's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--input-norm", default=None, choices=("dataset", "instance"),
                     help="every run's input norm (default: the recipe's — instance for the digits recipe)")
-    ap.add_argument("--mmd-weight", type=float, default=0.0, help="every run's MMD weight (0 = off)")
+    ap.add_argument("--mmd-weight", type=float, default=None, help="every run's MMD weight (default: the recipe's)")
     ap.add_argument("--mdan-gamma", type=float, default=None, help="MDAN soft's γ (default: the trainer's)")
     ap.add_argument("--aug", nargs=3, type=float, default=None, metavar=("ROTATE", "SCALE", "SHIFT"),
-                    help="every run's --aug-rotate/--aug-scale/--aug-shift (default: none)")
-    ap.add_argument("--pseudo-weight", type=float, default=0.0,
-                    help="every run's self-training weight (train/selftrain.py, from half the steps on; 0 = off)")
+                    help="every run's --aug-rotate/--aug-scale/--aug-shift (default: the recipe's)")
+    ap.add_argument("--pseudo-weight", type=float, default=None,
+                    help="every run's self-training weight (train/selftrain.py, from half the steps on; 0 = off; "
+                         "default: the recipe's)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/multisource"))
     ap.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = ap.parse_args()
-    common = {"mmd_weight": args.mmd_weight, "pseudo_weight": args.pseudo_weight, **({"input_norm": args.input_norm} if args.input_norm else {}),
-              **({"mdan_gamma": args.mdan_gamma} if args.mdan_gamma is not None else {}),
-              **(dict(zip(("aug_rotate", "aug_scale", "aug_shift"), args.aug)) if args.aug else {})}
+    common = {"steps": args.steps, "input_norm": args.input_norm, "mmd_weight": args.mmd_weight,  # None: the recipe's
+              "mdan_gamma": args.mdan_gamma, "pseudo_weight": args.pseudo_weight,
+              **dict(zip(("aug_rotate", "aug_scale", "aug_shift"), args.aug or (None,) * 3))}
     results = []
     for target in args.targets:
-        multi = TrainConfig.from_sources(None, source=sources_for(target), target=target).validate()
+        multi = TrainConfig.from_sources(None, recipe=args.recipe, source=sources_for(target), target=target).validate()
         for seed in args.seeds:  # seeds outside: a benchmark cut short has every column at the first seeds
             for column, name, sources, method, extra in runs_for(target, args.single_from):
                 out = args.out / target / f"{name}-s{seed}"
@@ -85,7 +90,7 @@ def main() -> None:
                     resume = (out / "checkpoints" / "last.pt").exists()
                     cfg = (TrainConfig.from_sources(out / "config.yaml") if resume else TrainConfig.from_sources(
                         None, recipe=multi.recipe, arch=multi.arch, source=sources, target=target, method=method,
-                        seed=seed, steps=args.steps, threads=args.threads, tsne=False, **common, **extra))
+                        seed=seed, threads=args.threads, tsne=False, **common, **extra))
                     s = run(cfg, out, resume=resume, progress=False)
                     print(f"→ {target} {name} seed {seed}: {s['target_acc']:.2%} ({s['wall_time_s']:.0f} s)", flush=True)
                 if (out / "summary.json").exists():  # the table has every finished run, of any column
