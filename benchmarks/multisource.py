@@ -13,7 +13,8 @@ Every run of a target uses the architecture and recipe the trainer picks for the
 auto``: the digits recipe's 28×28×3 CNN when a colour domain is present; ``--recipe lenet``: the USPS pairs'
 grey LeNet with its self-training and augmentation, colour sources seen as grey), so the columns differ only
 in the method; ``--steps``, ``--input-norm``, ``--mmd-weight``, ``--mdan-gamma``, ``--aug`` and
-``--pseudo-weight`` apply to every run of the benchmark when given, else the recipe's values hold (give each
+``--pseudo-weight`` apply to every run of the benchmark when given (self-training never to the source-only
+columns: it learns from the target), else the recipe's values hold (give each
 setting its own ``--out``). Each run is an ordinary ``adaptserve
 train`` run directory: finished runs are skipped, a killed one is resumed from its last checkpoint.
 Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
@@ -90,7 +91,8 @@ def main() -> None:
                     resume = (out / "checkpoints" / "last.pt").exists()
                     cfg = (TrainConfig.from_sources(out / "config.yaml") if resume else TrainConfig.from_sources(
                         None, recipe=multi.recipe, arch=multi.arch, source=sources, target=target, method=method,
-                        seed=seed, threads=args.threads, tsne=False, **common, **extra))
+                        seed=seed, threads=args.threads, tsne=False,
+                        **{**common, **extra, **({"pseudo_weight": 0.0} if method == "source-only" else {})}))
                     s = run(cfg, out, resume=resume, progress=False)
                     print(f"→ {target} {name} seed {seed}: {s['target_acc']:.2%} ({s['wall_time_s']:.0f} s)", flush=True)
                 if (out / "summary.json").exists():  # the table has every finished run, of any column

@@ -70,3 +70,13 @@ def test_lenet_recipe_is_the_measured_usps_setting_and_flags_still_win():
     assert (off.steps, off.pseudo_weight, off.aug_scale, off.aug_rotate) == (300, 0.0, 0.0, 10.0)
     digits = TrainConfig.from_sources(None, source="mnist", target="mnist_m")  # augmentation hurt MNIST-M: not here
     assert (digits.steps, digits.pseudo_weight, digits.aug_scale) == (2000, 0.0, 0.0)
+
+
+def test_source_only_baseline_gets_no_self_training_from_the_recipe():
+    """Self-training learns from target images: the lenet recipe's must not turn the source-only baseline
+    into an adapted model (it did in session 14: 97.8 % "source-only" on MNIST → USPS); a flag still can."""
+    so = TrainConfig.from_sources(None, source="mnist", target="usps", method="source-only").validate()
+    assert (so.recipe, so.pseudo_weight, so.aug_scale) == ("lenet", 0.0, 0.4)  # augmentation is source-side
+    assert TrainConfig.from_sources(None, source="mnist", target="usps", method="dann").pseudo_weight == 1.0
+    assert TrainConfig.from_sources(None, source="mnist", target="usps", method="source-only",
+                                    pseudo_weight=1.0).pseudo_weight == 1.0

@@ -169,7 +169,8 @@ class TrainConfig:
             raise ValueError(f"unknown config option(s): {', '.join(unknown)}")
         d = cls()
         name, recipe = recipes.resolve(values.get("recipe", default_recipe), values.get("arch", d.arch),
-                                       values.get("source", d.source), values.get("target", d.target))
+                                       values.get("source", d.source), values.get("target", d.target),
+                                       values.get("method", d.method))
         return cls(**{**recipe, **values, "recipe": name})
 
 

@@ -15,7 +15,8 @@ digits     28/32-px colour digits (MNIST, MNIST-M, SVHN,    fungtion/DANN's BN C
                                                             image normalised on its own (``input_norm: instance``)
 lenet      USPS pairs: lenet, lenet_bn                      TLlib's digit setting: LeNet, batch 128, SGD μ0 0.1
                                                             (the paper's schedules) — plus EMA weights, 5,000
-                                                            steps, self-training from half-way and geometric
+                                                            steps, self-training from half-way (not for
+                                                            ``--method source-only``) and geometric
                                                             augmentation (±10°, zoom ×1.4, shift 10 %: USPS
                                                             digits fill their frame, MNIST's do not)
 resnet     image folders: resnet18, resnet50                the paper's layered-lr SGD (backbone lr × 0.1) at
@@ -54,11 +55,18 @@ def auto_arch(source: str | list[str], target: str) -> str:
     return "dann_mnist"
 
 
-def resolve(name: str, arch: str, source: str | list[str], target: str) -> tuple[str, dict]:
-    """(recipe name, its option values) for ``--recipe name`` with ``--arch arch`` on these datasets."""
+def resolve(name: str, arch: str, source: str | list[str], target: str, method: str = "dann"
+            ) -> tuple[str, dict]:
+    """(recipe name, its option values) for ``--recipe name`` with ``--arch arch`` on these datasets.
+
+    For ``--method source-only`` a recipe's self-training is left out: it learns from target images, and
+    the source-only baseline must not see any (``--pseudo-weight`` given explicitly still holds)."""
     if name not in NAMES:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(NAMES)}")
     if name == "auto":
         family_arch = arch if arch and arch != "auto" else auto_arch(source, target)
         name = FAMILY.get(family_arch, "paper")
-    return name, dict(RECIPES[name])
+    values = dict(RECIPES[name])
+    if method == "source-only":
+        values.pop("pseudo_weight", None)
+    return name, values
