@@ -26,6 +26,8 @@ def test_paper_recipe_is_exactly_the_old_default():
     ("mnist", "usps", "lenet", "lenet", "sgd"),
     ("usps", "mnist", "lenet", "lenet", "sgd"),
     ("folder:a", "folder:b", "resnet", "resnet50", "sgd"),
+    (["mnist", "mnist_m", "syn"], "usps", "lenet", "lenet", "sgd"),  # USPS target: grey LeNet (§11: 95.5 vs 69.5)
+    (["mnist", "usps", "syn"], "mnist_m", "digits", "dann_mnist_bn28", "adam"),  # a colour target keeps colour
 ])
 def test_auto_picks_the_recipe_of_the_architecture_family(source, target, recipe, arch, optimizer):
     cfg = TrainConfig.from_sources(None, source=source, target=target).validate()
