@@ -10,14 +10,14 @@ Columns (``--columns``): ``single`` — source-only and DANN from each source al
 single source, picked by target accuracy: an oracle baseline, as in the MDAN paper's tables, never a model
 anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``.
 Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--recipe
-auto``: the grey LeNet for → USPS, else the digits recipe's 28×28×3 CNN when a colour domain is present; ``--recipe lenet``: the USPS pairs'
-grey LeNet with its self-training and augmentation, colour sources seen as grey), so the columns differ only
-in the method; ``--steps``, ``--input-norm``, ``--mmd-weight``, ``--mdan-gamma``, ``--aug`` and
-``--pseudo-weight`` apply to every run of the benchmark when given (self-training never to the source-only
-columns: it learns from the target), else the recipe's values hold (give each
-setting its own ``--out``). Each run is an ordinary ``adaptserve
-train`` run directory: finished runs are skipped, a killed one is resumed from its last checkpoint.
-Last-step target accuracy, mean ± std over seeds; ``results.json`` beside.
+auto``: the grey LeNet for → USPS, else the digits recipe's 28×28×3 CNN when a colour domain is present;
+``--recipe lenet``: the USPS pairs' grey LeNet with its self-training and augmentation, colour sources seen as
+grey), so the columns differ only in the method; ``--steps``, ``--input-norm``, ``--mmd-weight``,
+``--mdan-gamma``, ``--aug`` and ``--pseudo-weight`` apply to every run of the benchmark when given
+(self-training never to the source-only columns: it learns from the target), else the recipe's values hold
+(give each setting its own ``--out``). Each run is an ordinary ``adaptserve train`` run directory: finished
+runs are skipped, a killed one is resumed from its last checkpoint. Last-step target accuracy, mean ± std over
+seeds; ``results.json`` beside.
 """
 
 from __future__ import annotations
