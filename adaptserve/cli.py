@@ -98,11 +98,17 @@ def cmd_train(args) -> int:
         out = args.out or Path("runs") / f"{cfg.method}-{cfg.source_name}-{cfg.target}-s{cfg.seed}".replace(":", "_").replace("/", "_")
         if (out / "checkpoints" / "last.pt").exists():
             raise UserError(f"{out} already holds a run; use --resume {out} or another --out")
+        created = not out.exists()
         try:  # fail now, not after loading the data, when --out cannot be a directory
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--out {out}: cannot create the run directory ({e.strerror})") from None
-    summary = run(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        summary = run(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    except BaseException:  # a run that failed before writing anything leaves no empty directory behind
+        if not args.resume and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     if summary:
         tgt = f"target acc {summary['target_acc']:.2%}, " if "target_acc" in summary else ""
         print(f"done: {tgt}source acc {summary['source_acc']:.2%}, domain acc {summary['domain_acc']:.2%}, "

@@ -145,11 +145,15 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, cli):
         (["train", "--recipe", "paper", "--lr", "1e6", "--steps", "20", "--eval-every", "10", "--batch-size", "16", "--threads", "1",
           "--no-tsne", "--out", str(tmp_path / "diverged")], "training diverged"),
     ]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
     for args, message in cases:
-        r = subprocess.run(cli + args + ["--no-progress"] * (args[0] == "train"), capture_output=True, text=True)
+        r = subprocess.run(cli + args + ["--no-progress"] * (args[0] == "train"), capture_output=True, text=True,
+                           cwd=cwd)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "diverged" / "checkpoints" / "last.pt").exists()  # no checkpoint of NaN weights
+    assert not list(cwd.glob("runs/*")), "a run that failed on its data left an empty run directory"
 
 
 def test_eval_command(tmp_path, cli):
