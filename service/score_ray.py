@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adaptserve.service.score import (Batch, ScoreError, check_out, decode_files, default_max_pixels, describe_conversion,
-                           list_folder, open_arrays, read_file, score_batch, write_results)
+from adaptserve.service.inputs import Batch, ScoreError, decode_files, list_folder, open_arrays, read_file
+from adaptserve.service.score import check_out, default_max_pixels, describe_conversion, score_batch, write_results
 
 RAY_BATCH = 1024  # images per Ray task; at 256 the per-task overhead cost 20 % (docs/benchmarks.md §10)
 CRASH_ONCE = "ADAPTSERVE_RAY_CRASH_ONCE"  # fault injection for the tests: a path; the first actor batch dies

@@ -137,7 +137,7 @@ def test_a_parquet_dataset_of_image_bytes_scores_like_the_folder(local_ray, mode
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from adaptserve.service.score import list_folder
+    from adaptserve.service.inputs import list_folder
 
     files, labels = list_folder(inputs["folder"], model["runtime"].classes)
     table = pa.table({"path": [str(p) for p in files], "image": [p.read_bytes() for p in files],
