@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from adaptserve.train.metrics import last_step
+
 
 # Measured in docs/benchmarks.md §2. The trainer's default recipe (auto → digits: BN CNN at 28 px, Adam, BN per
 # domain, EMA weights, lr decay at the end) at batch 64 to fit the demo's time budget. A third of the target's
@@ -80,9 +82,9 @@ def train_both(out: Path, steps: int, seed: int) -> dict[str, dict]:
     bar = tqdm(total=2 * steps, unit="step", desc="training", dynamic_ncols=True)
     try:
         while any(p.poll() is None for p in procs.values()):
-            bar.update(sum(_last_step(out / m) for m in procs) - bar.n)
+            bar.update(sum(last_step(out / m / "metrics.jsonl") for m in procs) - bar.n)
             time.sleep(1.0)
-        bar.update(sum(_last_step(out / m) for m in procs) - bar.n)
+        bar.update(sum(last_step(out / m / "metrics.jsonl") for m in procs) - bar.n)
     finally:
         bar.close()
         for p in procs.values():
@@ -94,21 +96,6 @@ def train_both(out: Path, steps: int, seed: int) -> dict[str, dict]:
             tail = "\n".join(logs[method].read_text(errors="replace").splitlines()[-15:])
             raise DemoError(f"training {method} failed (exit {p.returncode}); log {logs[method]}:\n{tail}")
     return {m: json.loads((out / m / "summary.json").read_text()) for m in procs}
-
-
-def _last_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a line being written
-        if rec.get("kind") == "train":
-            return int(rec["step"])
-    return 0
 
 
 # ------------------------------------------------------------------------------ 3. data for scoring

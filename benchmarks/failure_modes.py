@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptserve.train import loop as train_loop  # noqa: E402
 from adaptserve.train.config import TrainConfig  # noqa: E402
 from adaptserve.train.evaluate import TrainingDiverged, diagnose  # noqa: E402
-from adaptserve.train.plots import plot_curves, read_metrics  # noqa: E402
+from adaptserve.train.metrics import read_metrics  # noqa: E402
+from adaptserve.train.plots import plot_curves  # noqa: E402
 
 # The settings these cases were measured with (docs/troubleshooting.md): the paper CNN with SGD on the demo
 # pair, λ capped at 0.5 — the demo's settings (adaptserve.demo.DEMO_TRAIN) when they were measured.

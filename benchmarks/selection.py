@@ -13,21 +13,20 @@ gap per validator over all runs given. Nothing is trained: it reads the logs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adaptserve.train.metrics import read_metrics  # noqa: E402
 from adaptserve.train.validators import score  # noqa: E402
 
 SELECTORS = ("last", "im", "entropy", "snd", "dev")
 
 
 def evals(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r.get("kind") == "eval" and "target_acc" in r]
+    return [r for r in read_metrics(run / "metrics.jsonl")[1] if "target_acc" in r]
 
 
 def picks(records: list[dict]) -> dict:

@@ -45,6 +45,7 @@ from train_throughput import BATCH, PngItems, reference_datasets, reference_step
 
 from adaptserve.service.preprocess import InputSpec  # noqa: E402
 from adaptserve.train.data import load  # noqa: E402
+from adaptserve.train.metrics import read_metrics  # noqa: E402
 
 
 def ours(data_dir: str, target: float, eval_every: int, threads: int, seed: int, steps: int) -> dict:
@@ -63,11 +64,10 @@ def ours(data_dir: str, target: float, eval_every: int, threads: int, seed: int,
                 path = out / "metrics.jsonl"
                 if not path.exists():
                     continue
-                for line in path.read_text().splitlines():
-                    r = json.loads(line)
-                    if r.get("kind") == "train":
-                        train_s[r["step"]] = r["step"] * 2 * 128 / r["images_per_s"]
-                    elif r.get("kind") == "eval" and r["step"] not in [c["step"] for c in curve]:
+                train, evals = read_metrics(path)  # a line still being written is skipped
+                train_s.update({r["step"]: r["step"] * 2 * 128 / r["images_per_s"] for r in train})
+                for r in evals:
+                    if r["step"] not in [c["step"] for c in curve]:
                         curve.append({"step": r["step"], "acc": r["target_acc"], "train_s": train_s.get(r["step"])})
                         print(f"ours      step {r['step']:6d}  {train_s.get(r['step'], float('nan')):7.0f} s  "
                               f"target {r['target_acc']:.1%}", flush=True)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import logging
 import os
 import statistics
@@ -50,6 +49,7 @@ from adaptserve.service.preprocess import InputSpec  # noqa: E402
 from adaptserve.train.config import TrainConfig  # noqa: E402
 from adaptserve.train.data import load  # noqa: E402
 from adaptserve.train.loop import run  # noqa: E402
+from adaptserve.train.metrics import read_metrics  # noqa: E402
 
 BATCH = 128
 
@@ -212,8 +212,7 @@ def our_run(data_dir: str, steps: int, warmup: int, threads: int, **overrides) -
                           batch_size=BATCH, steps=warmup + steps, eval_every=warmup + steps, log_every=warmup,
                           eval_samples=1000, tsne=False, threads=threads, data_dir=data_dir, **overrides)
         run(cfg, Path(tmp), progress=False)
-        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
+        train, _ = read_metrics(Path(tmp) / "metrics.jsonl")
     first, last = train[0], train[-1]
     assert first["step"] == warmup and last["step"] == warmup + steps
     elapsed = lambda r: 2 * BATCH * r["step"] / r["images_per_s"]  # noqa: E731  (rate is cumulative)

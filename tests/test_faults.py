@@ -191,15 +191,17 @@ def test_train_disk_full_leaves_no_checkpoint(tmp_path):
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_full_disk(tmp_path):
-    from adaptserve.train.loop import JsonlLog
+    from adaptserve.train.metrics import MetricsLog, last_step, read_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"kind": "train", "step": s}) for s in (10, 20, 30)]
     path.write_text("\n".join(lines) + "\n" + '{"kind": "eval", "step": 3')  # the last write was cut short
-    log = JsonlLog(path, resume_step=20)
+    assert last_step(path) == 30 and [r["step"] for r in read_metrics(path)[1]] == []  # readers skip the cut line
+    log = MetricsLog(path, resume_step=20)
     log.write({"kind": "train", "step": 30})
     log.close()
     assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [10, 20, 30]
+    assert last_step(tmp_path / "none.jsonl") == 0
 
 
 def test_train_out_below_a_file(a_file):

@@ -42,6 +42,7 @@ from adaptserve.train.dann import (dann_lambda, domain_loss, entropy_weights, lr
 from adaptserve.train.data import Dataset, holdout_split, load
 from adaptserve.train.ema import EMA, refresh_bn
 from adaptserve.train.evaluate import accuracy, diagnose, evaluate, predict
+from adaptserve.train.metrics import MetricsLog
 from adaptserve.train.selftrain import pseudo_label_loss, teacher_probs
 from adaptserve.train.vada import vada_loss
 from adaptserve.train.validators import score as validator_score
@@ -105,35 +106,6 @@ def param_groups(model, arch, cfg: TrainConfig) -> list[dict]:
     if backbone:
         groups.insert(0, {"params": backbone, "lr_mult": cfg.backbone_lr_mult})
     return groups
-
-
-def _step(line: str, default: int) -> int:
-    """The ``step`` of one metrics.jsonl line; ``default`` for a line that is not a whole JSON record."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return default
-
-
-class JsonlLog:
-    """Append-only ``metrics.jsonl``; on resume, lines past the checkpoint's step are dropped, and so is a
-    line cut short by a crash or a full disk (the run can resume once there is room again)."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if _step(ln, default=resume_step + 1) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, path)
-        self.f = open(path, "a" if resume_step is not None else "w")
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
 
 
 def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> dict:
@@ -247,7 +219,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
             idx = [torch.randint(len(xs), (B,), generator=g) for xs in [*xs_all, xt_all]]
             yield torch.cat([xs[i.to(xs.device)] for xs, i in zip([*xs_all, xt_all], idx)]).to(device)
 
-    metrics = JsonlLog(out / "metrics.jsonl", start if resume else None) if main else None
+    metrics = MetricsLog(out / "metrics.jsonl", start if resume else None) if main else None
     B = cfg.batch_size
     warned: set[str] = set()
     t0, images_seen, eval_time = time.perf_counter(), 0, 0.0

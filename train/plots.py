@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from adaptserve.train.metrics import read_metrics
 
 
 def _figure(*args, **kwargs):
@@ -15,18 +16,6 @@ def _figure(*args, **kwargs):
     import matplotlib.pyplot as plt
 
     return plt, plt.subplots(*args, **kwargs)
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """``metrics.jsonl`` → (train records, eval records)."""
-    train, evals = [], []
-    for line in Path(path).read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "eval":
-            evals.append(rec)
-        elif rec.get("kind") == "train":
-            train.append(rec)
-    return train, evals
 
 
 def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
