@@ -34,6 +34,7 @@ class UserError(Exception):
 
 def _add_train(sub) -> None:
     from adaptserve.train.config import METHODS, TrainConfig, field_help
+    from adaptserve.train.recipes import FAMILY
 
     p = sub.add_parser("train", help="train source-only / DANN / CDAN(-E) / MDAN / VADA into a run directory",
                        description="Adapt a classifier from a labelled source to an unlabelled target. "
@@ -45,7 +46,7 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     defaults = TrainConfig()  # the paper recipe's values; where a recipe differs, the help lists each recipe's
     helps = {**field_help(), "method": "/".join(METHODS),
-             "arch": "auto, dann_mnist, dann_mnist_bn, dann_mnist_bn28, dann_svhn, lenet, lenet_bn, resnet18, resnet50",
+             "arch": ", ".join(["auto", *FAMILY]),
              "recipe": "the defaults the other options start from: auto (the measured best for the architecture "
                        "family: digits for 28/32-px digit CNNs, lenet for USPS pairs, resnet for folders), paper "
                        "(Ganin et al.'s SGD recipe, the old default), digits, lenet, resnet. Measured on the demo "

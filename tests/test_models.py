@@ -10,6 +10,12 @@ from adaptserve.train.config import TrainConfig
 DIGIT_ARCHS = ["dann_mnist", "dann_mnist_bn", "dann_mnist_bn28", "dann_svhn", "lenet", "lenet_bn"]
 
 
+def test_every_architecture_has_a_recipe_family():  # the CLI's --arch choices and recipes come from FAMILY
+    from adaptserve.train.recipes import FAMILY, RECIPES
+
+    assert set(FAMILY) == set(ARCH_INPUT) and set(FAMILY.values()) <= set(RECIPES)
+
+
 @pytest.mark.parametrize("arch", DIGIT_ARCHS + ["resnet18", "resnet50"])
 @pytest.mark.parametrize("method", ["dann", "cdan-e"])
 def test_forward_shapes(arch, method):
