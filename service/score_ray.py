@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from adaptserve.service.inputs import Batch, ScoreError, decode_files, list_folder, open_arrays, read_file
-from adaptserve.service.score import check_out, default_max_pixels, describe_conversion, score_batch, write_results
+from adaptserve.service.preprocess import describe_conversion
+from adaptserve.service.score import check_out, default_max_pixels, score_batch, write_results
 
 RAY_BATCH = 1024  # images per Ray task; at 256 the per-task overhead cost 20 % (docs/benchmarks.md §10)
 CRASH_ONCE = "ADAPTSERVE_RAY_CRASH_ONCE"  # fault injection for the tests: a path; the first actor batch dies
