@@ -3,7 +3,7 @@
     ADAPTSERVE_DATA=../shared/data python benchmarks/multisource.py --steps 3000 --seeds 0 1 2 \\
         --out benchmarks/runs/multisource [--targets mnist_m mnist usps] [--columns ...] [--single-from ...] \\
         [--recipe lenet] [--input-norm instance] [--mmd-weight 1] [--mdan-gamma 0.3] [--aug 10 0.4 0.1] \\
-        [--pseudo-weight 1] [--report]
+        [--pseudo-weight 1] [--pseudo-balance] [--report]
 
 For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
 Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
@@ -13,7 +13,7 @@ Every run of a target uses the architecture and recipe the trainer picks for the
 auto``: the grey LeNet for → USPS, else the digits recipe's 28×28×3 CNN when a colour domain is present;
 ``--recipe lenet``: the USPS pairs' grey LeNet with its self-training and augmentation, colour sources seen as
 grey), so the columns differ only in the method; ``--steps``, ``--input-norm``, ``--mmd-weight``,
-``--mdan-gamma``, ``--aug`` and ``--pseudo-weight`` apply to every run of the benchmark when given
+``--mdan-gamma``, ``--aug``, ``--pseudo-weight`` and ``--pseudo-balance`` apply to every run of the benchmark when given
 (self-training never to the source-only columns: it learns from the target), else the recipe's values hold
 (give each setting its own ``--out``). Each run is an ordinary ``adaptserve train`` run directory: finished
 runs are skipped, a killed one is resumed from its last checkpoint. Last-step target accuracy, mean ± std over
@@ -75,11 +75,14 @@ def main() -> None:
     ap.add_argument("--pseudo-weight", type=float, default=None,
                     help="every run's self-training weight (train/selftrain.py, from half the steps on; 0 = off; "
                          "default: the recipe's)")
+    ap.add_argument("--pseudo-balance", action="store_true", default=None,
+                    help="every run's self-training with class-adaptive thresholds (train/selftrain.py)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/runs/multisource"))
     ap.add_argument("--report", action="store_true", help="train nothing: the table of the finished runs")
     args = ap.parse_args()
     common = {"steps": args.steps, "input_norm": args.input_norm, "mmd_weight": args.mmd_weight,  # None: the recipe's
               "mdan_gamma": args.mdan_gamma, "pseudo_weight": args.pseudo_weight,
+              "pseudo_balance": args.pseudo_balance,
               **dict(zip(("aug_rotate", "aug_scale", "aug_shift"), args.aug or (None,) * 3))}
     results = []
     for target in args.targets:

@@ -1,15 +1,17 @@
 """Self-training on the EMA teacher's confident target pseudo-labels (train/selftrain.py, --pseudo-weight)."""
 
 import json
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kill_and_resume
 from torch import nn
 
 from adaptserve.train.config import TrainConfig
 from adaptserve.train.loop import run
-from adaptserve.train.selftrain import pseudo_label_loss, teacher_probs
+from adaptserve.train.selftrain import ClassThresholds, pseudo_label_loss, teacher_probs
 
 
 def test_pseudo_label_loss_counts_only_confident_rows_over_the_whole_batch():
@@ -26,6 +28,26 @@ def test_pseudo_label_loss_counts_only_confident_rows_over_the_whole_batch():
     assert everyone.item() == pytest.approx(F.cross_entropy(student.detach(), q.argmax(1)).item()) and used0 == 1
     nobody, used1 = pseudo_label_loss(student.detach(), q.detach(), threshold=0.99)
     assert nobody.item() == 0 and used1 == 0
+
+
+def test_class_thresholds_lower_tau_for_a_class_the_teacher_is_unsure_of():
+    """Class 0: the teacher is sure of 1 row in 4 it calls 0; class 1: of every row; class 2: never seen.
+    r = (0.25, 1, 0) → β = r / max r → τ_c = τ·β/(2 − β): (0.9·0.25/1.75, 0.9, 0)."""
+    ct = ClassThresholds(3, momentum=0.5)
+    assert torch.equal(ct.thresholds(0.9), torch.full((3,), 0.9))  # nothing seen yet: plain τ
+    q = torch.tensor([[0.95, 0.05, 0.0]] + [[0.6, 0.4, 0.0]] * 3 + [[0.02, 0.98, 0.0]] * 2)
+    for _ in range(3):  # the rates are ratios of two averages with the same momentum: steady from the start
+        ct.update(q, 0.9)
+    tau = ct.thresholds(0.9)
+    assert torch.allclose(tau, torch.tensor([0.9 * 0.25 / 1.75, 0.9, 0.0]))
+    # per-row thresholds: the unsure class's rows at 0.6 now count, the same rows under one τ do not
+    student = torch.zeros(6, 3)
+    _, used = pseudo_label_loss(student, q, tau)
+    _, used_flat = pseudo_label_loss(student, q, 0.9)
+    assert used.item() == pytest.approx(1.0) and used_flat.item() == pytest.approx(3 / 6)
+    again = ClassThresholds(3)
+    again.load_state_dict(ct.state_dict())
+    assert torch.equal(again.thresholds(0.9), tau)
 
 
 def test_teacher_probs_from_the_teacher_in_eval_mode_or_the_students_own_detached_prediction():
@@ -65,3 +87,23 @@ def test_the_pseudo_label_term_starts_at_pseudo_start_with_the_ema_teacher(tmp_p
 
     a, b = (ckpt_io.load(tmp_path / n / "checkpoints" / "last.pt")["model"] for n in ("base", "pl"))
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_class_adaptive_self_training_logs_its_lowest_tau_and_resumes_exactly(tmp_path, cli):
+    """--pseudo-balance: the lowest τ_c is logged (≤ τ), the running per-class rates are checkpointed, and a
+    run killed after its first checkpoint (self-training already on) resumes to the same weights."""
+    from adaptserve.train import checkpoint as ckpt_io
+
+    flags = ["--steps", "60", "--batch-size", "32", "--eval-every", "10", "--log-every", "10", "--threads", "1",
+             "--ema", "0.9", "--pseudo-weight", "1", "--pseudo-start", "0.1", "--pseudo-threshold", "0.3",
+             "--pseudo-balance", "--no-tsne", "--no-progress"]
+    subprocess.run(cli + ["train", *flags, "--out", str(tmp_path / "full")], check=True, capture_output=True)
+    kill_and_resume(cli, cli + ["train", *flags, "--out", str(tmp_path / "killed")], tmp_path / "killed", 60)
+    a, b = (ckpt_io.load(tmp_path / n / "checkpoints" / "last.pt") for n in ("full", "killed"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["pseudo_classes"]["predicted"].sum() > 0
+    trains = [r for r in map(json.loads, (tmp_path / "full" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    assert all(0 <= r["pseudo_tau_min"] < 0.3 for r in trains[1:])  # some class is less sure than the best

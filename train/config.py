@@ -50,6 +50,7 @@ class TrainConfig:
     pseudo_weight: float = 0.0       # weight of self-training on confident target pseudo-labels (train/selftrain.py); 0: off
     pseudo_threshold: float = 0.9    # a target row is pseudo-labelled when the teacher's max softmax is at least this
     pseudo_start: float = 0.5        # fraction of the steps after which the pseudo-label term is on
+    pseudo_balance: bool = False     # class-adaptive thresholds τ_c: classes the teacher is unsure of get a lower one (train/selftrain.py)
     aug_rotate: float = 0.0          # random rotation of each training image (source and target), ± degrees; 0: off
     aug_scale: float = 0.0           # random zoom of each training image by a factor in [1/(1+s), 1+s]; 0: off
     aug_shift: float = 0.0           # random shift of each training image, ± this fraction of its size; 0: off

@@ -43,7 +43,7 @@ from adaptserve.train.data import Dataset, holdout_split, load
 from adaptserve.train.ema import EMA, refresh_bn
 from adaptserve.train.evaluate import accuracy, diagnose, evaluate, predict
 from adaptserve.train.metrics import MetricsLog
-from adaptserve.train.selftrain import pseudo_label_loss, teacher_probs
+from adaptserve.train.selftrain import ClassThresholds, pseudo_label_loss, teacher_probs
 from adaptserve.train.vada import vada_loss
 from adaptserve.train.validators import score as validator_score
 from adaptserve.train.models import ARCH_INPUT, build_model
@@ -153,6 +153,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                               nesterov=cfg.nesterov)
     sampler = torch.Generator().manual_seed(cfg.seed)  # shared by all ranks: each takes its slice
     ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+    balance = ClassThresholds(len(classes)) if cfg.pseudo_balance and cfg.pseudo_weight > 0 else None
     meta = {"arch": cfg.arch, "method": cfg.method, "classes": classes,
             "input_spec": arch.input_spec.to_dict(), "source": cfg.source_name, "sources": cfg.sources,
             "target": cfg.target,
@@ -169,6 +170,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
         start, best, history = state["step"], state["best"], state["history"]
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
+        if balance is not None and state.get("pseudo_classes") is not None:
+            balance.load_state_dict(state["pseudo_classes"])
         if main:
             log.info("resumed %s at step %d/%d", out, start, cfg.steps)
     elif main:
@@ -190,7 +193,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
     def checkpoint_state(step: int) -> dict:
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                 "sampler": sampler.get_state(), "rng": ckpt_io.rng_state(device), "best": best,
-                "history": history, "meta": meta, "ema": ema.state_dict() if ema is not None else None}
+                "history": history, "meta": meta, "ema": ema.state_dict() if ema is not None else None,
+                "pseudo_classes": balance.state_dict() if balance is not None else None}
 
     def do_eval(step: int) -> dict:
         shipped = model
@@ -276,7 +280,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True
                 loss = loss + cfg.mmd_weight * aux["loss_mmd"]
             if cfg.pseudo_weight > 0 and p >= cfg.pseudo_start:  # self-training: the EMA teacher's confident labels
                 q = teacher_probs(ema.model if ema is not None else None, x_plain[n_src:], logits[n_src:])
-                aux["loss_pseudo"], aux["pseudo_used"] = pseudo_label_loss(logits[n_src:].float(), q, cfg.pseudo_threshold)
+                tau = cfg.pseudo_threshold
+                if balance is not None:  # class-adaptive: τ_c from the teacher's running per-class confidence
+                    balance.update(q, tau)
+                    tau = balance.thresholds(tau)
+                    aux["pseudo_tau_min"] = tau.min()
+                aux["loss_pseudo"], aux["pseudo_used"] = pseudo_label_loss(logits[n_src:].float(), q, tau)
                 loss = loss + cfg.pseudo_weight * aux["loss_pseudo"]
             if cfg.method == "vada":
                 extra, terms = vada_loss(model, x, logits, n_src, cfg.vada_source_weight, cfg.vada_target_weight,
