@@ -30,7 +30,8 @@ def plot_curves(metrics_path: Path, out: Path, title: str = "") -> None:
         for key, label in (("loss_mmd", "MK-MMD² (source vs target features)"), ("loss_ent_t", "target entropy (VADA)"),
                            ("loss_vat_t", "VAT, target (VADA)"), ("loss_vat_s", "VAT, source (VADA)"),
                            ("loss_pseudo", "target pseudo-labels (self-training)"),
-                           ("pseudo_used", "fraction of target rows pseudo-labelled")):
+                           ("pseudo_used", "fraction of target rows pseudo-labelled"),
+                           ("pseudo_tau_min", "lowest class threshold τ_c (--pseudo-balance)")):
             rows = [r for r in train if key in r]  # the optional terms (--mmd-weight, vada, --pseudo-weight from
             if rows:                               # --pseudo-start on)
                 ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
