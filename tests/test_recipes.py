@@ -1,5 +1,7 @@
 """Recipes (train/recipes.py): what `adaptserve train` starts from, and that `--recipe paper` is the old default."""
 
+import re
+
 import pytest
 import yaml
 
@@ -53,6 +55,27 @@ def test_saved_config_reads_back_the_same_and_old_ones_as_paper(tmp_path):
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(old))
     back = TrainConfig.from_sources(tmp_path / "old.yaml", default_recipe="paper")  # what --resume does
     assert back.recipe == "paper" and back.ema == 0.0 and back.lr_decay_tail == 0.0
+
+
+def test_a_broken_config_file_is_a_clear_error_naming_the_line(tmp_path, cli):
+    """A key given twice (PyYAML would keep the last one without a word — a hand-edited config.yaml that
+    appended `pseudo_balance: true` under the saved `pseudo_balance: false` trained without it), the same
+    option as `a-b` and `a_b`, and a YAML syntax error: ValueError naming the file and the line; the CLI
+    says so in one line, no traceback, no run directory."""
+    cases = {"steps: 10\nsteps: 20\n": "'steps' is given twice (line 2",
+             "pseudo-balance: true\npseudo_balance: false\n": "option 'pseudo_balance' is given twice",
+             "steps: [10\n": "is not valid YAML"}
+    for i, (text, message) in enumerate(cases.items()):
+        f = tmp_path / f"c{i}.yaml"
+        f.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig.from_sources(f)
+    import subprocess
+
+    r = subprocess.run(cli + ["train", "--config", str(tmp_path / "c2.yaml"), "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "c2.yaml is not valid YAML" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_help_names_the_default_recipe(cli):

@@ -159,10 +159,7 @@ class TrainConfig:
         written before recipes existed has no ``recipe`` key and is read with ``default_recipe="paper"``."""
         values: dict = {}
         if file:
-            loaded = yaml.safe_load(Path(file).read_text()) or {}
-            if not isinstance(loaded, dict):
-                raise ValueError(f"config file {file} must hold a mapping of option: value")
-            values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+            values.update(read_config_file(file))
         values.update({k: v for k, v in overrides.items() if v is not None})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -173,6 +170,44 @@ class TrainConfig:
                                        values.get("source", d.source), values.get("target", d.target),
                                        values.get("method", d.method))
         return cls(**{**recipe, **values, "recipe": name})
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice (PyYAML keeps the last one without a word)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def read_config_file(file: str | Path) -> dict:
+    """A YAML/JSON config file → ``{option: value}`` (``-`` in names read as ``_``); ValueError naming the file
+    and the line for a syntax error, a key given twice (as ``a-b`` and ``a_b`` too) or a non-mapping."""
+    try:
+        loaded = yaml.load(Path(file).read_text(), Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {file} is not valid YAML: {problem}{where}") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {file} must hold a mapping of option: value")
+    values: dict = {}
+    for k, v in loaded.items():
+        name = str(k).replace("-", "_")
+        if name in values:
+            raise ValueError(f"config file {file}: option {name!r} is given twice")
+        values[name] = v
+    return values
 
 
 def field_help() -> dict[str, str]:
