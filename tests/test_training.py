@@ -118,9 +118,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cli):
 
 
 def test_ddp_two_processes_gloo(tmp_path):
+    """Two processes on gloo, with class-adaptive self-training on from step 20: its per-class counts are
+    summed over the ranks (both then hold the same thresholds), so the running total of predicted rows in
+    the checkpoint is that of 2 × 16 target rows a step: 32·(1 − 0.99^20), not one rank's 16·(1 − 0.99^20)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "adaptserve", "train", "--method", "dann", "--steps", "40", "--batch-size", "16", "--eval-every", "20",
+           "--pseudo-weight", "1", "--pseudo-start", "0.5", "--pseudo-balance",
            "--threads", "1", "--no-tsne", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "ddp")]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -129,6 +133,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     # 40 steps × 2 processes × (16 source + 16 target) images
     train_time = summary["wall_time_s"] - summary["eval_time_s"]
     assert summary["images_per_s"] * train_time == pytest.approx(40 * 2 * 32)
+    counts = ckpt_io.load(tmp_path / "ddp" / "checkpoints" / "last.pt")["pseudo_classes"]
+    assert float(counts["predicted"].sum()) == pytest.approx(32 * (1 - 0.99 ** 20))
 
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, cli):

@@ -15,7 +15,7 @@ No target label is used anywhere.
 
 Class-adaptive thresholds (``--pseudo-balance``, :class:`ClassThresholds`): one τ for every class starves
 the classes the teacher is unsure of on the target — at step 2,500 of a → USPS run the teacher was sure of
-19 % of the rows it called 0 and 82 % of those it called 3 (docs/benchmarks.md §11), so self-training saw
+21 % of the rows it called 0 and 82 % of those it called 3 (docs/benchmarks.md §11b), so self-training saw
 few 0s and learnt to predict fewer. FlexMatch's curriculum (Zhang et al. 2021) lowers a class's threshold
 by how little it is learnt; here "learnt" is the share of the teacher's predictions of the class that clear
 τ (FlexMatch counts them, which on an imbalanced target like USPS confuses rare with unlearnt)::
