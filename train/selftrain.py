@@ -63,8 +63,9 @@ class ClassThresholds:
 
     ``update(q, τ)`` folds one batch of teacher probabilities ``(B, K)`` into exponential moving averages
     (``momentum`` per step; summed over ranks under DDP) of how many rows the teacher calls c and how many
-    of those clear τ. ``thresholds(τ)`` → ``(K,)``; τ for every class until some class has been seen.
-    ``state_dict`` / ``load_state_dict`` carry the averages through checkpoints (resume is exact)."""
+    of those clear τ. ``thresholds(τ)`` → ``(K,)``; τ for every class until some class has been seen. The
+    averages live on the teacher's device (no host sync in the training step); ``state_dict`` /
+    ``load_state_dict`` carry them through checkpoints on the CPU (resume is exact)."""
 
     def __init__(self, num_classes: int, momentum: float = 0.99):
         self.momentum = momentum
@@ -79,21 +80,20 @@ class ClassThresholds:
                               torch.bincount(label[conf >= threshold], minlength=k)]).double()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)
-        counts = counts.cpu()
+        self.predicted, self.confident = self.predicted.to(counts.device), self.confident.to(counts.device)
         m = self.momentum
         self.predicted.mul_(m).add_(counts[0], alpha=1 - m)
         self.confident.mul_(m).add_(counts[1], alpha=1 - m)
 
     def thresholds(self, threshold: float) -> torch.Tensor:
         rate = self.confident / self.predicted.clamp_min(1e-12)
-        if float(rate.max()) <= 0:
-            return torch.full_like(rate, threshold).float()
-        beta = rate / rate.max()
-        return (threshold * beta / (2 - beta)).float()
+        best = rate.max()
+        beta = rate / best.clamp_min(1e-12)
+        return torch.where(best > 0, threshold * beta / (2 - beta), torch.full_like(rate, threshold)).float()
 
     def state_dict(self) -> dict:
-        return {"predicted": self.predicted.clone(), "confident": self.confident.clone()}
+        return {"predicted": self.predicted.cpu().clone(), "confident": self.confident.cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.predicted.copy_(state["predicted"])
-        self.confident.copy_(state["confident"])
+        self.predicted = state["predicted"].to(self.predicted.device, torch.float64).clone()
+        self.confident = state["confident"].to(self.confident.device, torch.float64).clone()
