@@ -76,24 +76,35 @@ def train_side_by_side(cli: list[str], runs: dict[str, list[str]], out: Path, ti
     return {name: json.loads((out / name / "summary.json").read_text()) for name in runs}
 
 
-def kill_and_resume(cli: list[str], train_cmd: list[str], run_dir: Path, steps: int) -> int:
-    """Start ``train_cmd`` (a run into ``run_dir`` of ``steps`` steps), SIGKILL it as soon as its first
-    checkpoint is written, then ``adaptserve train --resume`` it to the end; returns the step it was killed at."""
+def kill_and_resume(cli: list[str], flags: list[str], out: Path, steps: int) -> tuple[dict, dict]:
+    """``adaptserve train *flags`` twice, side by side (one process each): uninterrupted into ``out/full``, and
+    into ``out/killed``, SIGKILLed as soon as its first checkpoint is written, then ``--resume``d to the end.
+    Returns the two runs' ``checkpoints/last.pt`` (full, killed). ``flags`` is a run of ``steps`` steps."""
     import signal
     import subprocess
     import time
 
     from adaptserve.train import checkpoint as ckpt_io
 
-    proc = subprocess.Popen(train_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = ckpt_io.load(last)["step"]
-    assert 0 < killed_at < steps, "the run finished before it could be killed; the test proves nothing"
-    r = subprocess.run(cli + ["train", "--resume", str(run_dir), "--no-progress"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return killed_at
+    full = subprocess.Popen(cli + ["train", *flags, "--out", str(out / "full")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        run_dir = out / "killed"
+        proc = subprocess.Popen(cli + ["train", *flags, "--out", str(run_dir)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        last = run_dir / "checkpoints" / "last.pt"
+        deadline = time.time() + 120
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = ckpt_io.load(last)["step"]
+        assert 0 < killed_at < steps, "the run finished before it could be killed; the test proves nothing"
+        r = subprocess.run(cli + ["train", "--resume", str(run_dir), "--no-progress"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        _, err = full.communicate(timeout=600)
+        assert full.returncode == 0, err[-3000:]
+    finally:
+        if full.poll() is None:
+            full.kill()
+    return ckpt_io.load(out / "full" / "checkpoints" / "last.pt"), ckpt_io.load(last)

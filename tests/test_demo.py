@@ -1,6 +1,8 @@
-"""`adaptserve demo` end to end, shortened: every stage runs for real (train ×2 in parallel, export to the
-session's BentoML store, score, `bentoml serve` on 127.0.0.1, requests) and the table reports each one."""
+"""`adaptserve demo` end to end, as the README runs it: every stage for real (train ×2 in parallel, export to
+the session's BentoML store, score, `bentoml serve` on 127.0.0.1, requests), the table reports each one, and
+DANN keeps the demo's promise over source-only."""
 
+import json
 import re
 import subprocess
 
@@ -9,10 +11,17 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_runs_every_stage_and_prints_the_table(cli, tmp_path):
+def test_demo_runs_every_stage_prints_the_table_and_dann_beats_source_only(cli, tmp_path):
+    """The demo's own settings and schedule (a shorter one would test something else): the two runs side by
+    side, one thread each. The test asks for +15 points on the target (docs/benchmarks.md §2 has the measured
+    gain over 3 seeds), both runs above 80 % on the source, and G_d fooled more by DANN's features."""
     out = tmp_path / "demo"
-    r = subprocess.run([*cli, "demo", "--out", str(out), "--steps", "100"], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*cli, "demo", "--out", str(out)], capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
+    so, da = (json.loads((out / m / "summary.json").read_text()) for m in ("source-only", "dann"))
+    assert so["source_acc"] > 0.8 and da["source_acc"] > 0.8
+    assert da["target_acc"] > so["target_acc"] + 0.15, (so["target_acc"], da["target_acc"])
+    assert da["domain_acc"] < so["domain_acc"]
     for i in range(1, 6):
         assert f"[{i}/5]" in r.stdout
     table = r.stdout[r.stdout.index("target accuracy"):]

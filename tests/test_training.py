@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import kill_and_resume, train_side_by_side
+from conftest import kill_and_resume
 from adaptserve.train import checkpoint as ckpt_io
 from adaptserve.train.config import TrainConfig
 from adaptserve.train.loop import run
@@ -62,21 +62,6 @@ def test_mmd_term_grad_clip_and_warmup_in_the_loop(tmp_path):
     assert all(r["mmd"] >= 0 for rs in recs.values() for r in rs if r["kind"] == "eval")
 
 
-def test_dann_beats_source_only_on_the_demo_target(tmp_path, cli):
-    """The demo's promise, with the demo's own settings — the default recipe (a shorter schedule would test
-    something else); the two runs side by side, one thread each, as the demo runs them. The test asks for +15
-    points (docs/benchmarks.md §2 has the measured gain over 3 seeds)."""
-    from adaptserve.demo import DEMO_STEPS, DEMO_TRAIN, train_flags
-
-    flags = [*train_flags(DEMO_TRAIN), "--steps", str(DEMO_STEPS), "--eval-every", str(DEMO_STEPS), "--log-every",
-             "100", "--threads", "1", "--no-tsne", "--no-progress"]
-    runs = train_side_by_side(cli, {m: ["--method", m, *flags] for m in ("source-only", "dann")}, tmp_path)
-    so, da = runs["source-only"], runs["dann"]
-    assert so["source_acc"] > 0.8 and da["source_acc"] > 0.8
-    assert da["target_acc"] > so["target_acc"] + 0.15, (so["target_acc"], da["target_acc"])
-    assert da["domain_acc"] < so["domain_acc"]
-
-
 def test_speed_options_channels_last_same_math_cpu_bf16_lower_precision(tmp_path):
     """--channels-last changes only the memory layout: after 20 steps the weights match the default run's
     to float tolerance. --cpu-bf16 really runs in bfloat16 (its losses differ from float32's, a little)."""
@@ -93,19 +78,12 @@ def test_speed_options_channels_last_same_math_cpu_bf16_lower_precision(tmp_path
     assert loss["bf16"] != loss["fp32"] and loss["bf16"] == pytest.approx(loss["fp32"], rel=0.05)
 
 
-def _train_cmd(cli, out, steps, extra=()):
-    return cli + ["train", "--steps", str(steps), "--batch-size", "32", "--eval-every", "10", "--threads", "1",
-                  "--no-tsne", "--no-progress", "--out", str(out), *extra]
-
-
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, cli):
     steps = 120
     aug = ["--aug-rotate", "10", "--aug-scale", "0.3", "--aug-shift", "0.1"]  # its draws must repeat on resume too
-    subprocess.run(_train_cmd(cli, tmp_path / "full", steps, aug), check=True, capture_output=True)
-    kill_and_resume(cli, _train_cmd(cli, tmp_path / "killed", steps, aug), tmp_path / "killed", steps)
-    last = tmp_path / "killed" / "checkpoints" / "last.pt"
-    a = ckpt_io.load(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = ckpt_io.load(last)
+    flags = ["--steps", str(steps), "--batch-size", "32", "--eval-every", "10", "--eval-samples", "300",
+             "--threads", "1", "--no-tsne", "--no-progress", *aug]
+    a, b = kill_and_resume(cli, flags, tmp_path, steps)
     assert b["step"] == steps
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
