@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(BIN)/adaptserve demo --out $(OUT)
 
-## make test: the test suite (CPU, a few minutes).
+## make test: the test suite (CPU; ≈ 20 min on 2 cores: the demo itself, VADA and MDAN accuracy runs, servers, Ray).
 test: venv
 	$(BIN)/python -m pytest -q
 
