@@ -8,7 +8,8 @@
 For each target T the sources are the other two of {mnist, mnist_m, usps} plus ``syn`` (the issue's setting).
 Columns (``--columns``): ``single`` — source-only and DANN from each source alone (the table shows the best
 single source, picked by target accuracy: an oracle baseline, as in the MDAN paper's tables, never a model
-anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``.
+anyone would ship); ``combined-so`` / ``combined-dann`` — all sources combined; ``mdan-soft`` / ``mdan-hard``;
+``mdan-darn`` — MDAN's per-source losses with DARN's weights (``--mdan-mode darn``: the best-fitting sources count most).
 Every run of a target uses the architecture and recipe the trainer picks for the multi-source run (``--recipe
 auto``: the grey LeNet for → USPS, else the digits recipe's 28×28×3 CNN when a colour domain is present;
 ``--recipe lenet``: the USPS pairs' grey LeNet with its self-training and augmentation, colour sources seen as
@@ -34,7 +35,7 @@ from adaptserve.train.config import TrainConfig  # noqa: E402
 from adaptserve.train.loop import run  # noqa: E402
 
 DOMAINS = ("mnist", "mnist_m", "usps")
-COLUMNS = ("single", "combined-so", "combined-dann", "mdan-soft", "mdan-hard")
+COLUMNS = ("single", "combined-so", "combined-dann", "mdan-soft", "mdan-hard", "mdan-darn")
 ANCHORS = {"mnist_m": "MDAN paper (MNIST+SVHN+Syn → MNIST-M): combined DANN 65.1, MDAN soft 68.7",
            "mnist": "MDAN paper (SVHN+MNIST-M+Syn → MNIST): combined DANN 92.5, MDAN soft 97.9",
            "usps": "Digit-Five (Lee et al. 2021): combined source-only 81.6, M3SDA-β 97.4"}
@@ -52,7 +53,8 @@ def runs_for(target: str, single_from: list[str] | None = None) -> list[tuple[st
     out = [("single", f"{m}-{s}", [s], m, {}) for s in sources for m in ("source-only", "dann")
            if single_from is None or s in single_from]
     named = {"combined-so": ("source-only", {}), "combined-dann": ("dann", {}),
-             "mdan-soft": ("mdan", {"mdan_mode": "soft"}), "mdan-hard": ("mdan", {"mdan_mode": "hard"})}
+             "mdan-soft": ("mdan", {"mdan_mode": "soft"}), "mdan-hard": ("mdan", {"mdan_mode": "hard"}),
+             "mdan-darn": ("mdan", {"mdan_mode": "darn"})}
     return out + [(c, c, sources, *named[c]) for c in COLUMNS if c in named]
 
 
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--input-norm", default=None, choices=("dataset", "instance"),
                     help="every run's input norm (default: the recipe's — instance for the digits recipe)")
     ap.add_argument("--mmd-weight", type=float, default=None, help="every run's MMD weight (default: the recipe's)")
-    ap.add_argument("--mdan-gamma", type=float, default=None, help="MDAN soft's γ (default: the trainer's)")
+    ap.add_argument("--mdan-gamma", type=float, default=None, help="MDAN's γ, soft and darn (default: the trainer's)")
     ap.add_argument("--aug", nargs=3, type=float, default=None, metavar=("ROTATE", "SCALE", "SHIFT"),
                     help="every run's --aug-rotate/--aug-scale/--aug-shift (default: the recipe's)")
     ap.add_argument("--pseudo-weight", type=float, default=None,
@@ -114,7 +116,7 @@ def table(results: list[dict]) -> str:
             f"{acc[0]:.1f} (1)" if acc else "—"
 
     head = ["best single, source-only", "best single, DANN", "combined, source-only", "combined, DANN",
-            "MDAN soft", "MDAN hard"]
+            "MDAN soft", "MDAN hard", "DARN weights"]
     rows = ["| target (sources) | steps | " + " | ".join(head) + " | anchors |",
             "| --- | --- |" + " --- |" * (len(head) + 1)]
     for target in DOMAINS:
@@ -129,7 +131,7 @@ def table(results: list[dict]) -> str:
                     single.setdefault(r["source"], []).append(r)
             best = max(single.items(), key=lambda kv: statistics.mean(x["target_acc"] for x in kv[1]), default=None)
             cells.append(f"{cell(best[1])} [{best[0]}]" if best else "—")
-        for col in ("combined-so", "combined-dann", "mdan-soft", "mdan-hard"):
+        for col in COLUMNS[1:]:
             cells.append(cell([r for r in rs if r["column"] == col]))
         sources = "+".join(sources_for(target))
         steps = "/".join(sorted({str(r["steps"]) for r in rs}))

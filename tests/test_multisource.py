@@ -10,7 +10,7 @@ import torch
 from conftest import kill_and_resume, train_side_by_side
 from adaptserve.train import checkpoint as ckpt_io
 from adaptserve.train.config import TrainConfig
-from adaptserve.train.dann import domain_loss, mdan_loss
+from adaptserve.train.dann import domain_loss, mdan_loss, simplex_l2_weights
 from adaptserve.train.data import demo_domain
 from adaptserve.train.loop import run
 from adaptserve.train.models import build_model, shipped_domain_logit
@@ -46,6 +46,45 @@ def test_mdan_hard_is_max_class_loss_plus_min_domain_loss():
     assert loss.item() == pytest.approx(0.9 + 2.0 * 0.4) and w.tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="unknown MDAN mode"):
         mdan_loss(torch.ones(2), torch.ones(2), mode="medium")
+
+
+def _simplex_l2_by_bisection(z: np.ndarray) -> np.ndarray:
+    lo, hi = z.min(), z.max() + 1.0  # ‖(τ − z)_+‖ is 0 at τ = min z and ≥ 1 at max z + 1
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if np.linalg.norm(np.maximum(mid - z, 0)) > 1 else (mid, hi)
+    a = np.maximum(lo - z, 0)
+    return a / a.sum()
+
+
+def test_darn_weights_solve_the_l2_regularised_min_over_the_simplex():
+    """The closed form equals DARN's bisection (α ∝ (τ − z)_+, ‖(τ − z)_+‖ = 1) for 1–6 sources at every
+    scale, including ties; no other point of the simplex has a lower ⟨α, z⟩ + ‖α‖."""
+    rng = np.random.default_rng(0)
+    for k in range(1, 7):
+        for scale in (0.0, 0.01, 0.3, 1.0, 5.0):
+            z = rng.normal(size=k) * scale
+            w = simplex_l2_weights(torch.tensor(z, dtype=torch.float64)).numpy()
+            assert np.abs(w - _simplex_l2_by_bisection(z)).max() < 1e-5 and w.sum() == pytest.approx(1.0)
+            best = z @ w + np.linalg.norm(w)
+            others = rng.dirichlet(np.ones(k), size=200)
+            assert (others @ z + np.linalg.norm(others, axis=1) >= best - 1e-6).all()
+    assert simplex_l2_weights(torch.tensor([0.0, 2.0, 0.5])).tolist()[1] == 0.0  # ≥ 1 above the best: no weight
+
+
+def test_mdan_darn_weights_the_best_fitting_source_most_and_are_the_gradient():
+    ce = torch.tensor([0.3, 1.2, 0.7], requires_grad=True)
+    dom = torch.tensor([1.3, 1.0, 1.4], requires_grad=True)
+    loss, w = mdan_loss(ce, dom, gamma=1.0, mu=0.5, mode="darn")
+    assert w.sum().item() == pytest.approx(1.0) and not w.requires_grad and w.argmin().item() == 1
+    loss.backward()
+    assert torch.allclose(ce.grad, w) and torch.allclose(dom.grad, 0.5 * w)  # the envelope theorem: ∂/∂L = α
+    assert w.argmax().item() == 0  # L = (0.95, 1.7, 1.4): the best-fitting source counts most
+    _, sharp = mdan_loss(ce.detach(), dom.detach(), gamma=1e3, mu=0.5, mode="darn")
+    _, flat = mdan_loss(ce.detach(), dom.detach(), gamma=1e-4, mu=0.5, mode="darn")
+    assert sharp.tolist() == [1.0, 0.0, 0.0] and torch.allclose(flat, torch.full((3,), 1 / 3), atol=1e-4)
+    one, w1 = mdan_loss(torch.tensor([0.8]), torch.tensor([1.1]), gamma=10.0, mode="darn")
+    assert one.item() == pytest.approx(0.8 + 1.1 + 0.1) and w1.tolist() == [1.0]  # DANN's loss + 1/γ
 
 
 def test_each_source_discriminator_has_its_own_grl_and_the_shipped_one_is_detached():
@@ -110,7 +149,7 @@ def test_config_sources_from_flags_and_yaml_and_errors(tmp_path, cli, inverted):
         (["--source", "demo-source", "--source", "demo-source"], "lists a dataset twice"),
         (["--source", "demo-source", "--source", inverted, "--method", "cdan"], "takes one source"),
         (["--source", "demo-source", "--target", "demo-source"], "is also a source"),
-        (["--method", "mdan", "--mdan-mode", "medium"], "--mdan-mode must be soft or hard"),
+        (["--method", "mdan", "--mdan-mode", "medium"], "--mdan-mode must be soft, hard or darn"),
     ]
     for args, message in cases:
         r = subprocess.run(cli + ["train", *args, "--steps", "2", "--no-progress", "--out", str(tmp_path / "x")],

@@ -39,8 +39,8 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1    # resnet backbone lr = lr × this
     gamma: float = 10.0              # γ of λ_p = 2/(1+e^(−γp)) − 1
     lambda_max: float = 1.0          # λ_p is scaled by this (DANN users tune it up to 10×)
-    mdan_mode: str = "soft"          # MDAN: soft ((1/γ)·log Σ exp(γ·L_i)) | hard (max_i CE_i + μ·min_i domain_i)
-    mdan_gamma: float = 10.0         # MDAN soft-max temperature γ (→ 0: mean of the sources, → ∞: the worst)
+    mdan_mode: str = "soft"          # MDAN: soft ((1/γ)·log Σ exp(γ·L_i)) | hard (max_i CE_i + μ·min_i domain_i) | darn (DARN's weights: the best-fitting sources count most)
+    mdan_gamma: float = 10.0         # MDAN temperature γ (→ 0: mean of the sources; → ∞: soft the worst, darn the best)
     mdan_mu: float = 1.0             # MDAN μ, the weight of each source's domain loss (1: one source = DANN)
     vada_source_weight: float = 1.0  # VADA λ_s: weight of VAT on the source (0 skips its three extra passes)
     vada_target_weight: float = 0.01  # VADA λ_t: weight of the target's conditional entropy + VAT
@@ -95,8 +95,8 @@ class TrainConfig:
             self.source = self.source[0] if len(self.source) == 1 else list(self.source)
         if self.target in self.sources:
             raise ValueError(f"the target {self.target!r} is also a source")
-        if self.mdan_mode not in ("soft", "hard"):
-            raise ValueError(f"--mdan-mode must be soft or hard, not {self.mdan_mode!r}")
+        if self.mdan_mode not in ("soft", "hard", "darn"):
+            raise ValueError(f"--mdan-mode must be soft, hard or darn, not {self.mdan_mode!r}")
         if self.mdan_gamma <= 0 or self.mdan_mu < 0:
             raise ValueError("--mdan-gamma must be > 0 and --mdan-mu >= 0")
         if len(self.sources) > 1 and self.method in ("cdan", "cdan-e"):

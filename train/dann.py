@@ -25,6 +25,7 @@ source its own G_d^i behind its own GRL and combines the per-source losses
 L_i = CE_i + μ·BCE_i (S_i vs T) with a soft-max, whose gradient weights source i by softmax(γ·L)_i::
 
     soft:  (1/γ)·log Σ_i exp(γ·L_i)            hard:  max_i CE_i + μ·min_i BCE_i
+    darn:  (1/γ)·min_{α ∈ simplex} ⟨α, γ·L⟩ + ‖α‖₂   (DARN, Wen et al. 2020: the best-fitting sources count most)
 
 Example::
 
@@ -129,6 +130,24 @@ def domain_loss(domain_logits: torch.Tensor, n_source: int, weights: torch.Tenso
     return per[:n_source].mean() + per[n_source:].mean()
 
 
+def simplex_l2_weights(z: torch.Tensor) -> torch.Tensor:
+    """argmin over the simplex of ⟨α, z⟩ + ‖α‖₂ for z (k,) → α (k,), summing to 1 (DARN's weights).
+
+    KKT: α_i ∝ (τ − z_i)_+ with τ set by ‖(τ − z)_+‖₂ = 1, so the sources with the *smallest* z share the
+    weight and one whose z exceeds the best by ≥ 1 gets none. Closed form: with the k smallest z in the
+    support, τ solves k·τ² − 2·S_k·τ + Q_k − 1 = 0 (S_k, Q_k: their sum and sum of squares); the support is
+    the k for which τ_k > z_(k) and (k = n or τ_k ≤ z_(k+1)). No host sync: all k are tried at once."""
+    zs, _ = torch.sort(z.detach().float())
+    k = torch.arange(1, len(zs) + 1, device=zs.device, dtype=zs.dtype)
+    s, q = zs.cumsum(0), (zs * zs).cumsum(0)
+    tau = (s + (s * s - k * (q - 1)).clamp_min(0).sqrt()) / k
+    nxt = torch.cat([zs[1:], zs.new_full((1,), float("inf"))])
+    ok = (s * s - k * (q - 1) >= 0) & (tau > zs) & (tau <= nxt)
+    t = tau[torch.argmax(ok.to(zs.dtype) * k)]  # k = 1 is always consistent when nothing larger is
+    a = (t - z.detach().float()).clamp_min(0)
+    return (a / a.sum()).to(z.dtype)
+
+
 def mdan_loss(ce: torch.Tensor, dom: torch.Tensor, gamma: float = 10.0, mu: float = 1.0, mode: str = "soft"
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """MDAN's objective over k sources from per-source class losses ``ce`` (k,) and domain losses ``dom``
@@ -137,11 +156,18 @@ def mdan_loss(ce: torch.Tensor, dom: torch.Tensor, gamma: float = 10.0, mu: floa
     ``soft``: (1/γ)·log Σ_i exp(γ·(ce_i + μ·dom_i)); ∂/∂L_i = softmax(γ·L)_i, so the hardest source to
     fit and align counts most (γ → 0: the mean of the L_i plus a constant; γ → ∞: the max). With k = 1
     it is ce + μ·dom, DANN's loss. ``hard``: max_i ce_i + μ·min_i dom_i (the paper's Hard version); the
-    weight is the one-hot of the source whose class loss is the max."""
+    weight is the one-hot of the source whose class loss is the max. ``darn`` (Wen et al., "Domain
+    Aggregation Networks for Multi-Source Domain Adaptation", ICML 2020, on the same L_i):
+    (1/γ)·min_{α ∈ simplex} [⟨α, γ·L⟩ + ‖α‖₂]; its gradient is α (:func:`simplex_l2_weights`, the envelope
+    theorem), so the sources that fit and align *best* count most — the opposite of ``soft`` (γ → 0: the
+    mean; γ → ∞: the min). With k = 1 it is ce + μ·dom + 1/γ."""
+    total = ce + mu * dom
     if mode == "soft":
-        total = ce + mu * dom
         return torch.logsumexp(gamma * total, 0) / gamma, torch.softmax(gamma * total.detach(), 0)
     if mode == "hard":
         i = int(torch.argmax(ce.detach()))
         return ce[i] + mu * dom.min(), F.one_hot(torch.tensor(i, device=ce.device), len(ce)).to(ce.dtype)
-    raise ValueError(f"unknown MDAN mode {mode!r}; choose soft or hard")
+    if mode == "darn":
+        w = simplex_l2_weights(gamma * total)
+        return (w * total).sum() + w.norm() / gamma, w
+    raise ValueError(f"unknown MDAN mode {mode!r}; choose soft, hard or darn")
