@@ -38,3 +38,15 @@ def test_source_low_needs_two_low_evaluations_after_the_warm_up():
     assert keys(dips_once) == set()
     stays_low = history([0.1, 0.2, 0.3, 0.35, 0.4, 0.4, 0.45, 0.4, 0.4, 0.4], [0.7] * 10)
     assert keys(stays_low) == {"source_low"}
+
+
+def test_source_low_reads_the_best_learnt_source_when_there_are_several():
+    # DARN → MNIST, seed 1 (session 20): mnist_m gets no weight and is forgotten, the pooled source accuracy
+    # falls to 42 % while usps is at 97.7 % and the target at 98.6 % — not a classifier that cannot learn
+    def record(pooled, accs):
+        return {"source_acc": pooled, "domain_acc": 0.75, "target_acc": 0.9,
+                "per_source": {name: {"source_acc": a, "domain_acc": 0.7} for name, a in accs.items()}}
+    darn = [record(0.45 - 0.01 * i, {"mnist_m": 0.3, "usps": 0.97, "syn": 0.6}) for i in range(10)]
+    assert keys(darn, "mdan") == set()
+    wrong_labels = [record(0.1, {"mnist_m": 0.1, "usps": 0.12, "syn": 0.1}) for _ in range(10)]
+    assert keys(wrong_labels, "mdan") == {"source_low"}
