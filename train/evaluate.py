@@ -146,16 +146,17 @@ def diagnose(history: list[dict], progress: float, method: str) -> list[tuple[st
                     "GRL sign (the gradient into the features must be −λ times the discriminator's)."))
     # both below wait until p ≥ 0.3: early on nothing has learned yet (the paper CNN at lr 0.01 often
     # needs a few hundred steps), so one low evaluation is not a symptom
-    if adversarial and progress >= 0.3 and _best_source_acc(last) < 0.5 and all(
+    source_acc = _best_source_acc(last)
+    if adversarial and progress >= 0.3 and source_acc < 0.5 and all(
             abs(h["domain_acc"] - 0.5) < 0.03 for h in history):
         out.append(("domain_stuck_chance",
                     f"domain accuracy has stayed at chance ({last['domain_acc']:.1%}) since the first evaluation "
-                    f"while source accuracy is only {_best_source_acc(last):.1%}: the features may have collapsed "
+                    f"while source accuracy is only {source_acc:.1%}: the features may have collapsed "
                     "(λ too strong too early). Try a smaller --lambda-max, a lower --lr, or a smaller --gamma "
                     "so λ ramps up more slowly."))
     if progress >= 0.3 and len(history) >= 2 and all(_best_source_acc(h) < 0.5 for h in history[-2:]):
         out.append(("source_low",
-                    f"source accuracy {_best_source_acc(last):.1%} at p={progress:.2f}: the classifier is not learning "
+                    f"source accuracy {source_acc:.1%} at p={progress:.2f}: the classifier is not learning "
                     "the labelled domain. Check the source labels and class folders, try a lower --lr (the recipes "
                     "start from Adam 1e-3 or SGD 0.01–0.1), and a smaller --lambda-max until source accuracy rises."))
     return out
