@@ -3,10 +3,12 @@
     python benchmarks/source_signals.py /work/runs/msbal/usps/mdan-soft-s* /work/runs/pairs/mnist+usps-s0
 
 A source-weighting rule can only use what a run sees without target labels. For every run given this prints,
-per source, the three signals such a rule could read — each discriminator's domain accuracy on the training
+per source, the three signals such a rule could read — a discriminator's domain accuracy on the training
 batches (mean over ``--window`` steps: MDAN's per-source G_d^i, or the combined run's one G_d on that source's
-rows), the same on the held-out evaluation rows (mean over the evaluations in the window, and at the last
-one), and the source's class fit (its evaluation accuracy at the last step, what DARN's weights follow) —
+rows), the shipped G_d's on the held-out evaluation rows (the combined run's G_d; for MDAN the one of all
+sources vs target that learns on detached features; mean over the evaluations in the window, and at the last
+one), and the source's class fit (its held-out accuracy at the last step; DARN's weights follow its training
+loss instead) —
 and which source each signal ranks first (lowest domain accuracy = hardest to tell from the target = closest;
 highest source accuracy = best fitted). Beside them: the run's last-step target accuracy and IM. Compare the
 "closest" columns with the best single source measured alone (docs/benchmarks.md §11) to see whether a
