@@ -8,8 +8,7 @@ batches (mean over ``--window`` steps: MDAN's per-source G_d^i, or the combined 
 rows), the shipped G_d's on the held-out evaluation rows (the combined run's G_d; for MDAN the one of all
 sources vs target that learns on detached features; mean over the evaluations in the window, and at the last
 one), and the source's class fit (its held-out accuracy at the last step; DARN's weights follow its training
-loss instead) —
-and which source each signal ranks first (lowest domain accuracy = hardest to tell from the target = closest;
+loss instead) — and which source each signal ranks first (lowest domain accuracy = hardest to tell from the target = closest;
 highest source accuracy = best fitted). Beside them: the run's last-step target accuracy and IM. Compare the
 "closest" columns with the best single source measured alone (docs/benchmarks.md §11) to see whether a
 signal would have picked it. Nothing is trained.
@@ -30,6 +29,8 @@ from adaptserve.train.metrics import read_metrics  # noqa: E402
 def signals(run: Path, window: tuple[int, int]) -> dict:
     """{source: {train_domain, eval_domain, eval_domain_last, source_acc_last}} plus the run's last
     target accuracy and IM; domain accuracies are means over the records whose step is in ``window``."""
+    if not (run / "metrics.jsonl").is_file():
+        raise SystemExit(f"{run}: not a run directory (no metrics.jsonl in it)")
     train, evals = read_metrics(run / "metrics.jsonl")
     lo, hi = window
     tr = [r for r in train if lo <= r["step"] <= hi and "per_source" in r]
@@ -42,7 +43,7 @@ def signals(run: Path, window: tuple[int, int]) -> dict:
                "eval_domain_last": last["per_source"][s]["domain_acc"],
                "source_acc_last": last["per_source"][s]["source_acc"]}
            for s in last["per_source"]}
-    return {"per_source": per, "target_acc": last.get("target_acc"), "im": last["im"], "step": last["step"]}
+    return {"per_source": per, "target_acc": last.get("target_acc"), "im": last["im"]}
 
 
 def first(per: dict, key: str, highest: bool = False) -> str:
